@@ -1,0 +1,182 @@
+"""The ``mlpruning`` command line.
+
+Every subcommand is a plain typed function; heavy imports (torch, transformers) happen inside
+it so ``mlpruning --help`` is instant. A :class:`~mlpruning.errors.UserError` ends the command
+with one line on stderr and exit code 2; a failed check exits 1; an interrupted run exits 130
+after saving its state.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from mlpruning import __version__
+from mlpruning.errors import UserError
+
+app = typer.Typer(
+    name="mlpruning",
+    help="Multi-level structured pruning (heads, rows, blocks) for BERT-class encoders.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+TaskOpt = Annotated[str | None, typer.Option("--task", help="GLUE task: sst2, mrpc, rte, stsb, mnli.")]
+DataDirOpt = Annotated[
+    Path | None,
+    typer.Option("--data-dir", help="Your own GLUE folder (SST-2/train.tsv ...); default: embedded copy."),
+]
+ThreadsOpt = Annotated[int | None, typer.Option("--threads", min=1, help="torch intra-op threads.")]
+
+
+def _echo_err(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+@app.callback(invoke_without_command=True)
+def _root(
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+) -> None:
+    if version:
+        typer.echo(f"mlpruning {__version__}")
+        raise typer.Exit()
+
+
+@app.command()
+def tasks(
+    data_dir: DataDirOpt = None,
+    check: Annotated[bool, typer.Option("--check", help="Read every split and verify checksums.")] = False,
+) -> None:
+    """List the supported tasks, their metrics and the data each split comes from."""
+    from pipeline.tasks import TASKS, MissingSplit, load_split, locate
+
+    for spec in TASKS.values():
+        parts = []
+        for split, _ in spec.split_files:
+            try:
+                path, embedded = locate(spec, split, data_dir)
+            except MissingSplit:
+                parts.append(f"{split}: -")
+                continue
+            rows = f" ({len(load_split(spec, split, data_dir))} rows)" if check else ""
+            parts.append(f"{split}: {'embedded' if embedded else path}{rows}")
+        typer.echo(
+            f"{spec.name:5s} {spec.folder:6s} metrics={','.join(spec.metrics):16s} " + "; ".join(parts)
+        )
+
+
+def _finetune_config(config: Path | None, overrides: dict[str, Any]):
+    from pipeline.config import FinetuneConfig, from_mapping, load_toml
+
+    values = load_toml(config, "finetune") if config else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    if "task" not in values:
+        raise UserError("no task given: pass --task (sst2, mrpc, rte, stsb, mnli) or set it in --config")
+    return from_mapping(FinetuneConfig, values, str(config) if config else "options")
+
+
+@app.command()
+def finetune(
+    out: Annotated[Path, typer.Option("--out", help="Output folder for the fine-tuned checkpoint.")],
+    task: TaskOpt = None,
+    model: Annotated[
+        str | None,
+        typer.Option("--model", help="Model folder or hub id; default: embedded all-MiniLM-L6-v2."),
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="TOML file with a [finetune] table.")
+    ] = None,
+    epochs: Annotated[float | None, typer.Option(help="Epochs (fractions allowed).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Examples per step.")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate.")] = None,
+    max_length: Annotated[int | None, typer.Option(help="Truncate inputs to this many tokens.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    save_every: Annotated[int | None, typer.Option(help="Steps between resume checkpoints.")] = None,
+    max_train_examples: Annotated[
+        int | None, typer.Option(help="Train on a random subset of this size.")
+    ] = None,
+    data_dir: DataDirOpt = None,
+    threads: ThreadsOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --out.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace what --out holds.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
+) -> None:
+    """Fine-tune a dense teacher on a GLUE task; writes an HF checkpoint and eval.json."""
+    overrides = {
+        "task": task,
+        "model": model,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "learning_rate": lr,
+        "max_length": max_length,
+        "seed": seed,
+        "save_every": save_every,
+        "max_train_examples": max_train_examples,
+        "data_dir": str(data_dir) if data_dir else None,
+    }
+    cfg = _finetune_config(config, overrides)
+    from pipeline.finetune import Finetuner, Interrupted, check_out_dir
+    from pipeline.progress import TrainProgress
+
+    _set_threads(threads)
+    check_out_dir(out, resume, overwrite)
+    console = _console()
+    console.print(f"fine-tuning {cfg.model} on {cfg.task} -> {out}")
+    runner = Finetuner(cfg, out, TrainProgress(enabled=not quiet, console=console))
+    try:
+        result = runner.run(resume=resume)
+    except Interrupted as exc:
+        _echo_err(f"interrupted at step {exc.step}/{exc.total}: state saved in {out}; continue with --resume")
+        raise typer.Exit(130) from None
+    typer.echo(json.dumps({"out": str(out), **result.to_json()}, indent=2))
+
+
+@app.command("eval")
+def eval_(
+    model_dir: Annotated[Path, typer.Argument(help="Fine-tuned checkpoint folder.")],
+    task: TaskOpt = None,
+    data_dir: DataDirOpt = None,
+    report: Annotated[Path | None, typer.Option("--report", help="Write the result as JSON here.")] = None,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Evaluate a fine-tuned checkpoint on a task's dev set."""
+    from mlpruning.atomic import write_json
+    from pipeline.evaluate import evaluate_checkpoint
+
+    _set_threads(threads)
+    result = evaluate_checkpoint(model_dir, task, data_dir)
+    payload = {"model": str(model_dir), **result.to_json()}
+    if report:
+        write_json(report, payload)
+    typer.echo(json.dumps(payload, indent=2))
+
+
+def main() -> None:
+    """Console-script entry point: one-line errors, exit 2 for user errors."""
+    try:
+        app()
+    except UserError as exc:
+        _echo_err(str(exc))
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,10 @@
+"""User-facing errors.
+
+A :class:`UserError` is a mistake the user can fix (a wrong path, an unknown task, a model
+type without an adapter, a corrupt data file). The CLI prints its message on one line and exits
+with code 2; no traceback. The message must name the fix.
+"""
+
+
+class UserError(Exception):
+    """An error caused by the user's input; its message says how to fix it."""
