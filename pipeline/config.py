@@ -1,0 +1,87 @@
+"""Typed, validated configs: frozen dataclasses read from CLI options or TOML.
+
+Each field is checked in ``__post_init__``; a bad value raises ``ValueError`` naming the field
+and its allowed range, which the CLI reports as a one-line error (exit 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from mlpruning.errors import UserError
+from pipeline.models import DEFAULT_MODEL
+from pipeline.tasks import get_task
+
+T = TypeVar("T")
+
+
+def _check(cond: bool, field: str, rule: str, value: Any) -> None:
+    if not cond:
+        raise ValueError(f"{field} must be {rule}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Dense fine-tuning of an encoder on a GLUE task (the teacher of later steps)."""
+
+    task: str
+    model: str = DEFAULT_MODEL
+    epochs: float = 2.0
+    batch_size: int = 32
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    max_grad_norm: float = 1.0
+    max_length: int = 128
+    seed: int = 42
+    save_every: int = 200
+    max_train_examples: int | None = None
+    data_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "task", get_task(self.task).name)
+        _check(0 < self.epochs <= 100, "epochs", "in (0, 100]", self.epochs)
+        _check(1 <= self.batch_size <= 4096, "batch_size", "in [1, 4096]", self.batch_size)
+        _check(0 < self.learning_rate < 1, "learning_rate", "in (0, 1)", self.learning_rate)
+        _check(0 <= self.weight_decay < 1, "weight_decay", "in [0, 1)", self.weight_decay)
+        _check(0 <= self.warmup_ratio < 1, "warmup_ratio", "in [0, 1)", self.warmup_ratio)
+        _check(self.max_grad_norm > 0, "max_grad_norm", "> 0", self.max_grad_norm)
+        _check(8 <= self.max_length <= 4096, "max_length", "in [8, 4096]", self.max_length)
+        _check(self.save_every >= 1, "save_every", ">= 1", self.save_every)
+        _check(
+            self.max_train_examples is None or self.max_train_examples >= 1,
+            "max_train_examples",
+            ">= 1 or unset",
+            self.max_train_examples,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def from_mapping(cls: type[T], values: dict[str, Any], source: str) -> T:
+    """Build a config from a mapping, naming unknown keys instead of a TypeError."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise UserError(f"{source}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    try:
+        return cls(**values)
+    except ValueError as exc:
+        raise UserError(f"{source}: {exc}") from None
+    except TypeError as exc:
+        raise UserError(f"{source}: {exc}") from None
+
+
+def load_toml(path: Path, section: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"config file {path} not found: check the path")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{path} is not valid TOML ({exc})") from None
+    return dict(data.get(section, data))

@@ -1,0 +1,81 @@
+"""Shared fixtures: tiny random encoders of each supported family and a tiny GLUE folder.
+
+Tiny models reuse the embedded MiniLM tokenizer (a real WordPiece vocabulary) with hidden
+sizes of 32-48, so a training step takes milliseconds.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pipeline.models import embedded_default_dir
+from pipeline.tasks import EMBEDDED_DIR
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+
+
+def save_tiny(
+    path: Path, family: str, layers: int = 2, heads: int = 4, hidden: int = 32, ffn: int = 64
+) -> Path:
+    import torch
+    from transformers import AutoModel, BertConfig, DistilBertConfig, RobertaConfig
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=30522, max_position_embeddings=128)
+    if family == "bert":
+        cfg = BertConfig(
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            intermediate_size=ffn,
+            **common,
+        )
+    elif family == "roberta":
+        cfg = RobertaConfig(
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            intermediate_size=ffn,
+            pad_token_id=0,
+            **common,
+        )
+        cfg.max_position_embeddings = 130  # RoBERTa offsets positions by padding_idx + 1
+    elif family == "distilbert":
+        cfg = DistilBertConfig(dim=hidden, n_layers=layers, n_heads=heads, hidden_dim=ffn, **common)
+    else:
+        raise ValueError(family)
+    AutoModel.from_config(cfg).save_pretrained(path)
+    src = embedded_default_dir()
+    for name in TOKENIZER_FILES:
+        if (src / name).exists():
+            shutil.copy(src / name, path / name)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {fam: save_tiny(root / fam, fam) for fam in ("bert", "roberta", "distilbert")}
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tiny_models) -> Path:
+    return tiny_models["bert"]
+
+
+def make_glue_dir(root: Path, train_rows: int = 64, dev_rows: int = 32) -> Path:
+    """A GLUE folder with the first rows of the embedded SST-2, MRPC and STS-B files."""
+    for folder in ("SST-2", "MRPC", "STS-B"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        for split, n in (("train", train_rows), ("dev", dev_rows)):
+            lines = (EMBEDDED_DIR / folder / f"{split}.tsv").read_text(encoding="utf-8-sig").splitlines()
+            (root / folder / f"{split}.tsv").write_text("\n".join(lines[: n + 1]) + "\n", encoding="utf-8")
+    return root
+
+
+@pytest.fixture()
+def glue_dir(tmp_path) -> Path:
+    return make_glue_dir(tmp_path / "glue")
