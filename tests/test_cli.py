@@ -1,0 +1,100 @@
+"""The CLI as a user meets it: help texts, one-line errors with exit code 2, JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+COMMANDS = ("finetune", "eval", "tasks")
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "120"}
+    return subprocess.run(
+        [sys.executable, "-m", "mlpruning.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=300,
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, fragment: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ") and fragment in lines[0], lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_help_lists_every_command():
+    proc = run_cli("--help")
+    assert proc.returncode == 0
+    for cmd in COMMANDS:
+        assert cmd in proc.stdout
+    for cmd in COMMANDS:
+        sub = run_cli(cmd, "--help")
+        assert sub.returncode == 0 and "Usage" in sub.stdout, cmd
+
+
+def test_version():
+    from mlpruning import __version__
+
+    assert run_cli("--version").stdout.strip() == f"mlpruning {__version__}"
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (("finetune", "--task", "qqp", "--out", "{tmp}/o"), "unknown task 'qqp'"),
+        (("finetune", "--out", "{tmp}/o"), "no task given"),
+        (("finetune", "--task", "sst2", "--out", "{tmp}/o", "--epochs", "0"), "epochs must be in (0, 100]"),
+        (("finetune", "--task", "sst2", "--model", "{tmp}/nope", "--out", "{tmp}/o"), "does not exist"),
+        (
+            ("finetune", "--task", "sst2", "--model", "{tmp}/gpt2", "--out", "{tmp}/o"),
+            "has no mlpruning adapter",
+        ),
+        (("finetune", "--task", "sst2", "--out", "{tmp}/o", "--data-dir", "{tmp}/bad"), "line 3: 1 columns"),
+        (("finetune", "--task", "sst2", "--out", "{tmp}/o", "--config", "{tmp}/missing.toml"), "not found"),
+        (
+            ("finetune", "--task", "sst2", "--out", "{tmp}/o", "--config", "{tmp}/typo.toml"),
+            "unknown key(s) epoch",
+        ),
+        (("finetune", "--task", "mnli", "--out", "{tmp}/o"), "no embedded train split"),
+        (("eval", "{tmp}/missing", "--task", "sst2"), "does not exist"),
+        (("eval", "{tmp}/gpt2"), "does not say which task"),
+    ],
+)
+def test_bad_input_gives_one_line_and_exit_2(tmp_path, args, fragment):
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    (tmp_path / "bad" / "SST-2").mkdir(parents=True)
+    (tmp_path / "bad" / "SST-2" / "train.tsv").write_text("sentence\tlabel\ngood\t1\nbroken line\n")
+    (tmp_path / "typo.toml").write_text("[finetune]\ntask = 'sst2'\nepoch = 3\n")
+    proc = run_cli(*(a.format(tmp=tmp_path) for a in args))
+    assert_one_line_error(proc, fragment)
+    assert not (tmp_path / "o").exists()  # nothing half-written
+
+
+def test_finetune_and_eval_round_trip(tiny_bert, glue_dir, tmp_path):
+    out = tmp_path / "teacher"
+    cfg = tmp_path / "ft.toml"
+    cfg.write_text(f"[finetune]\ntask = 'sst2'\nmodel = '{tiny_bert}'\nepochs = 1\nbatch_size = 16\n")
+    proc = run_cli("finetune", "--config", str(cfg), "--out", str(out), "--data-dir", str(glue_dir), "-q")
+    assert proc.returncode == 0, proc.stderr
+    trained = json.loads(proc.stdout)
+    assert trained["task"] == "sst2" and "accuracy" in trained["metrics"]
+    again = run_cli("finetune", "--config", str(cfg), "--out", str(out), "--data-dir", str(glue_dir))
+    assert_one_line_error(again, "already holds a fine-tuned model")
+    report = tmp_path / "report.json"
+    ev = run_cli("eval", str(out), "--data-dir", str(glue_dir), "--report", str(report))
+    assert ev.returncode == 0, ev.stderr
+    assert json.loads(report.read_text())["metrics"] == pytest.approx(trained["metrics"])
+    wrong = run_cli("eval", str(out), "--task", "rte")
+    assert_one_line_error(wrong, "was fine-tuned on sst2, not rte")
