@@ -139,8 +139,9 @@ def finetune(
     _set_threads(threads)
     check_out_dir(out, resume, overwrite)
     console = _console()
-    console.print(f"fine-tuning {cfg.model} on {cfg.task} -> {out}")
     runner = Finetuner(cfg, out, TrainProgress(enabled=not quiet, console=console))
+    if not quiet:
+        console.print(f"fine-tuning {cfg.model} on {cfg.task}: {runner.total_steps} steps -> {out}")
     try:
         result = runner.run(resume=resume)
     except Interrupted as exc:
@@ -167,6 +168,127 @@ def eval_(
     if report:
         write_json(report, payload)
     typer.echo(json.dumps(payload, indent=2))
+
+
+def _init_distributed() -> bool:
+    """Join the torchrun process group when launched with WORLD_SIZE > 1; True on rank 0."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return True
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.get_world_size()))
+    return dist.get_rank() == 0
+
+
+@app.command()
+def prune(
+    out: Annotated[Path, typer.Option("--out", help="Output folder for the masked checkpoint.")],
+    teacher: Annotated[str | None, typer.Option("--teacher", help="Fine-tuned dense teacher folder.")] = None,
+    task: TaskOpt = None,
+    target: Annotated[
+        float | None, typer.Option("--target", help="Remaining encoder-weight ratio, in (0, 1].")
+    ] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="TOML file with a [prune] table.")] = None,
+    student: Annotated[
+        str | None, typer.Option("--student", help="Model to prune; default: the teacher.")
+    ] = None,
+    epochs: Annotated[float | None, typer.Option(help="Epochs (fractions allowed).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Examples per step (over all processes).")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Weight learning rate.")] = None,
+    mask_lr: Annotated[
+        float | None, typer.Option("--mask-lr", help="Score and threshold learning rate.")
+    ] = None,
+    lambda_final: Annotated[
+        float | None, typer.Option(help="Regularizer strength far from the target.")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    save_every: Annotated[int | None, typer.Option(help="Steps between resume checkpoints.")] = None,
+    max_train_examples: Annotated[
+        int | None, typer.Option(help="Train on a random subset of this size.")
+    ] = None,
+    data_dir: DataDirOpt = None,
+    threads: ThreadsOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --out.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace what --out holds.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
+) -> None:
+    """MLPruning step 1: prune heads and rows to --target, distilled from --teacher."""
+    from pipeline.config import PruneConfig, from_mapping, load_toml
+
+    values = load_toml(config, "prune") if config else {}
+    overrides = {
+        "teacher": teacher,
+        "task": task,
+        "target": target,
+        "student": student,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "learning_rate": lr,
+        "mask_learning_rate": mask_lr,
+        "lambda_final": lambda_final,
+        "seed": seed,
+        "save_every": save_every,
+        "max_train_examples": max_train_examples,
+        "data_dir": str(data_dir) if data_dir else None,
+    }
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    missing = [k for k in ("teacher", "task", "target") if k not in values]
+    if missing:
+        raise UserError(f"missing {', '.join('--' + m for m in missing)}: pass them or set them in --config")
+    cfg = from_mapping(PruneConfig, values, str(config) if config else "options")
+    if not Path(cfg.teacher).is_dir():
+        raise UserError(f"teacher folder {cfg.teacher} does not exist: pass the output of mlpruning finetune")
+    main_rank = _init_distributed()
+    _set_threads(threads)
+    from pipeline.finetune import Interrupted, check_out_dir
+    from pipeline.progress import TrainProgress
+    from pipeline.pruning.pruner import Pruner
+    from pipeline.pruning.summary import format_table, structure
+
+    check_out_dir(out, resume, overwrite)
+    console = _console()
+    runner = Pruner(cfg, out, TrainProgress(enabled=main_rank and not quiet, console=console))
+    if main_rank and not quiet:
+        student = cfg.student or cfg.teacher
+        steps = runner.total_steps
+        console.print(f"pruning {student} on {cfg.task} to r* = {cfg.target}: {steps} steps -> {out}")
+    try:
+        result = runner.run(resume=resume)
+    except Interrupted as exc:
+        if main_rank:
+            _echo_err(
+                f"interrupted at step {exc.step}/{exc.total}: state saved in {out}; continue with --resume"
+            )
+        raise typer.Exit(130) from None
+    if main_rank:
+        manifest = json.loads((out / "pruning.json").read_text())
+        console.print(format_table(structure(manifest)))
+        typer.echo(
+            json.dumps(
+                {"out": str(out), **result.to_json(), "remaining_ratio": manifest["remaining_ratio"]},
+                indent=2,
+            )
+        )
+
+
+@app.command()
+def inspect(
+    ckpt: Annotated[Path, typer.Argument(help="Masked checkpoint folder (output of prune).")],
+) -> None:
+    """Verify a masked checkpoint (weights are zero wherever a mask is off) and show its structure."""
+    from pipeline.pruning.checkpoint import load_masked
+    from pipeline.pruning.summary import format_table, structure
+
+    if not ckpt.is_dir():
+        raise UserError(f"checkpoint folder {ckpt} does not exist: check the path")
+    _, _, manifest = load_masked(ckpt)
+    typer.echo(format_table(structure(manifest)))
+    typer.echo("masks and weights agree")
 
 
 def main() -> None:

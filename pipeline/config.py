@@ -85,3 +85,76 @@ def load_toml(path: Path, section: str) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"{path} is not valid TOML ({exc})") from None
     return dict(data.get(section, data))
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Step 1 of MLPruning: head and row pruning with learnable thresholds and distillation.
+
+    Defaults follow the reference code (scores 0, thresholds 10, mask lr 1e-2, lambda_final
+    20000 with floor 50 and 10 once within 3e-4, alpha_distil 0.9 / alpha_ce 0.1, T = 2), except
+    that the student starts from the fine-tuned teacher and trains for few epochs, which is
+    what a CPU budget allows.
+    """
+
+    task: str
+    teacher: str
+    target: float
+    student: str | None = None  # default: a copy of the teacher
+    epochs: float = 3.0
+    batch_size: int = 32
+    learning_rate: float = 5e-5
+    mask_learning_rate: float = 1e-2
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.06
+    max_grad_norm: float = 1.0
+    max_length: int = 128
+    lambda_final: float = 20000.0
+    lambda_min: float = 50.0
+    lambda_settled: float = 10.0
+    settled_gap: float = 3e-4
+    threshold_init: float = 10.0
+    score_init: float = 0.0
+    alpha_distil: float = 0.9
+    alpha_ce: float = 0.1
+    temperature: float = 2.0
+    hidden_weight: float = 1.0
+    attention_weight: float = 1.0
+    freeze_embeddings: bool = True
+    seed: int = 42
+    save_every: int = 200
+    max_train_examples: int | None = None
+    data_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "task", get_task(self.task).name)
+        _check(0 < self.target <= 1, "target", "in (0, 1]", self.target)
+        _check(0 < self.epochs <= 100, "epochs", "in (0, 100]", self.epochs)
+        _check(1 <= self.batch_size <= 4096, "batch_size", "in [1, 4096]", self.batch_size)
+        _check(0 < self.learning_rate < 1, "learning_rate", "in (0, 1)", self.learning_rate)
+        _check(0 < self.mask_learning_rate < 10, "mask_learning_rate", "in (0, 10)", self.mask_learning_rate)
+        _check(0 <= self.weight_decay < 1, "weight_decay", "in [0, 1)", self.weight_decay)
+        _check(0 <= self.warmup_ratio < 1, "warmup_ratio", "in [0, 1)", self.warmup_ratio)
+        _check(self.max_grad_norm > 0, "max_grad_norm", "> 0", self.max_grad_norm)
+        _check(8 <= self.max_length <= 4096, "max_length", "in [8, 4096]", self.max_length)
+        _check(self.lambda_final >= 0, "lambda_final", ">= 0", self.lambda_final)
+        _check(self.lambda_min >= 0 and self.lambda_settled >= 0, "lambda_min", ">= 0", self.lambda_min)
+        _check(
+            self.threshold_init > 0,
+            "threshold_init",
+            "> 0 (keep everything at the start)",
+            self.threshold_init,
+        )
+        _check(self.temperature > 0, "temperature", "> 0", self.temperature)
+        for name in ("alpha_distil", "alpha_ce", "hidden_weight", "attention_weight"):
+            _check(getattr(self, name) >= 0, name, ">= 0", getattr(self, name))
+        _check(self.save_every >= 1, "save_every", ">= 1", self.save_every)
+        _check(
+            self.max_train_examples is None or self.max_train_examples >= 1,
+            "max_train_examples",
+            ">= 1 or unset",
+            self.max_train_examples,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -92,7 +92,7 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
         ) from None
 
 
-def load_for_task(name: str, task: TaskSpec) -> PreTrainedModel:
+def load_for_task(name: str, task: TaskSpec, attn_implementation: str | None = None) -> PreTrainedModel:
     """Load a sequence-classification model with the task's label space.
 
     A new classifier head is created when the checkpoint has none (a plain encoder); a
@@ -113,7 +113,10 @@ def load_for_task(name: str, task: TaskSpec) -> PreTrainedModel:
     config.problem_type = "regression" if task.is_regression else "single_label_classification"
     with quiet_transformers():  # the 'newly initialized classifier' report is expected
         try:
-            return AutoModelForSequenceClassification.from_pretrained(resolve_model(name), config=config)
+            extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+            return AutoModelForSequenceClassification.from_pretrained(
+                resolve_model(name), config=config, **extra
+            )
         except (OSError, ValueError, RuntimeError) as exc:
             raise UserError(
                 f"could not load weights of {name} ({exc}): the checkpoint is "

@@ -91,7 +91,7 @@ def test_finetune_and_eval_round_trip(tiny_bert, glue_dir, tmp_path):
     trained = json.loads(proc.stdout)
     assert trained["task"] == "sst2" and "accuracy" in trained["metrics"]
     again = run_cli("finetune", "--config", str(cfg), "--out", str(out), "--data-dir", str(glue_dir))
-    assert_one_line_error(again, "already holds a fine-tuned model")
+    assert_one_line_error(again, "already holds a finished run")
     report = tmp_path / "report.json"
     ev = run_cli("eval", str(out), "--data-dir", str(glue_dir), "--report", str(report))
     assert ev.returncode == 0, ev.stderr

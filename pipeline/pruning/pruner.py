@@ -1,0 +1,206 @@
+"""MLPruning step 1: head and row pruning of a fine-tuned encoder, distilled from its teacher.
+
+Per training step:
+
+1. the dense teacher (frozen, eval mode) runs on the batch: logits, hidden states and, when the
+   attention term is weighted, attention probabilities;
+2. the student runs with every prunable weight masked through its parametrization; masks come
+   from the top-k binarizer over the unit scores with k = ceil(sigmoid(t) * N);
+3. loss = alpha_ce * CE + alpha_distil * (logit KL + hidden MSE + attention MSE) + lambda * R,
+   with R and lambda from the adaptive regularizer on the analytic remaining ratio r;
+4. AdamW updates weights at ``learning_rate`` and scores/thresholds at ``mask_learning_rate``.
+
+At the end the masks are fixed, baked into the weights (exact zeros, plain HF keys) and the
+masked checkpoint is written (:mod:`pipeline.pruning.checkpoint`), with the structure summary.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mlpruning.atomic import staging_dir, write_json
+from mlpruning.errors import UserError
+from pipeline.adapters import geometry, layer_linears
+from pipeline.batching import collate
+from pipeline.config import PruneConfig
+from pipeline.evaluate import METADATA_FILE, EvalResult, evaluate_encoded, read_metadata
+from pipeline.finetune import labels_tensor, load_task_data, param_groups, versions, wrap_ddp
+from pipeline.models import load_for_task, load_tokenizer, quiet_transformers, resolve_model
+from pipeline.progress import TrainProgress
+from pipeline.pruning.checkpoint import MANIFEST_FILE, MASKS_FILE, build_manifest, save_masks
+from pipeline.pruning.distill import DistillWeights, distill_loss
+from pipeline.pruning.masks import MaskScores, attach, detach_masks
+from pipeline.pruning.regularizer import RegTerm, adaptive_regularizer, counted_ratio, remaining_ratio
+from pipeline.pruning.summary import write_summary
+from pipeline.tasks import get_task
+from pipeline.trainloop import EVAL_FILE, TrainLoop, linear_schedule
+
+
+class PrunableModel(nn.Module):
+    """Student plus its mask scores, one module so DDP synchronises both."""
+
+    def __init__(self, student: nn.Module, scores: MaskScores) -> None:
+        super().__init__()
+        self.student, self.scores = student, scores
+
+    def forward(self, **batch: torch.Tensor) -> Any:
+        return self.student(**batch)
+
+
+def check_teacher(teacher_dir: str, task: str, student_tokenizer: Any, teacher_tokenizer: Any) -> None:
+    """The teacher must be fine-tuned on the same task and share the student's tokenizer."""
+    trained_on = read_metadata(Path(teacher_dir)).get("task") if Path(teacher_dir).is_dir() else None
+    if trained_on is not None and trained_on != task:
+        raise UserError(
+            f"teacher {teacher_dir} was fine-tuned on {trained_on}, not {task}: pass --task {trained_on}"
+        )
+    if student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
+        raise UserError(
+            f"teacher {teacher_dir} and the student use different tokenizers: "
+            "prune a student of the teacher's model family"
+        )
+
+
+class Pruner(TrainLoop):
+    """One step-1 pruning run into ``out``."""
+
+    def __init__(self, cfg: PruneConfig, out: Path, progress: TrainProgress | None = None) -> None:
+        self.cfg, self.out = cfg, out
+        self.task = get_task(cfg.task)
+        self.progress = progress or TrainProgress(enabled=False)
+        student_src = cfg.student or cfg.teacher
+        self.tokenizer = load_tokenizer(student_src)
+        check_teacher(cfg.teacher, self.task.name, self.tokenizer, load_tokenizer(cfg.teacher))
+        self.train, self.dev = load_task_data(cfg, self.tokenizer)
+        self.weights = DistillWeights(
+            cfg.alpha_distil, cfg.alpha_ce, cfg.temperature, cfg.hidden_weight, cfg.attention_weight
+        )
+        attn = "eager" if cfg.attention_weight > 0 and cfg.alpha_distil > 0 else None
+        self.teacher = (
+            load_for_task(cfg.teacher, self.task, attn_implementation=attn).eval().requires_grad_(False)
+        )
+        torch.manual_seed(cfg.seed)
+        self.student = load_for_task(student_src, self.task, attn_implementation=attn)
+        if cfg.freeze_embeddings:
+            self.student.base_model.embeddings.requires_grad_(False)
+        self.scores = MaskScores(geometry(self.student), cfg.threshold_init, cfg.score_init)
+        attach(layer_linears(self.student), self.scores)
+        self.model = PrunableModel(self.student, self.scores)
+        self.setup_loop(cfg.epochs)
+        groups = param_groups(self.student, cfg.weight_decay)
+        mask_lr = cfg.mask_learning_rate
+        groups.append({"params": list(self.scores.scores.parameters()), "weight_decay": 0.0, "lr": mask_lr})
+        # No momentum on thresholds: the one-sided regularizer stops pulling the moment r < r*,
+        # and with beta1 = 0.9 Adam would carry every threshold ~10 steps past the target.
+        thresholds = list(self.scores.thresholds.parameters())
+        groups.append({"params": thresholds, "weight_decay": 0.0, "lr": mask_lr, "betas": (0.0, 0.999)})
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=True)
+        warmup = int(cfg.warmup_ratio * self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, linear_schedule(self.total_steps, warmup)
+        )
+        self.ddp_model = wrap_ddp(self.model)
+        self.last_reg: RegTerm | None = None
+
+    def stateful(self) -> dict[str, nn.Module]:
+        return {"model": self.model}
+
+    def regularizer(self) -> RegTerm:
+        cfg = self.cfg
+        reg = adaptive_regularizer(remaining_ratio(self.scores), cfg.target, cfg.lambda_final, cfg.lambda_min)
+        if reg.gap < cfg.settled_gap and cfg.target < 1:
+            scale = cfg.lambda_settled / reg.lam if reg.lam else 0.0
+            reg = RegTerm(reg.penalty * scale, reg.ratio, cfg.lambda_settled, reg.gap)
+        return reg
+
+    def train_step(self, indices: np.ndarray) -> tuple[float, int, str]:
+        self.model.train()
+        batch = collate(self.train, indices)
+        need_attn = self.weights.attention > 0 and self.weights.alpha_distil > 0
+        kwargs = {"output_hidden_states": self.weights.hidden > 0, "output_attentions": need_attn}
+        with torch.no_grad():
+            t_out = self.teacher(**batch, **kwargs)
+        labels = labels_tensor(self.train, indices, self.task.is_regression)
+        s_out = self.ddp_model(**batch, labels=labels, **kwargs)
+        dl = distill_loss(s_out, t_out, s_out.loss, batch["attention_mask"], self.weights)
+        reg = self.regularizer()
+        (dl.total + reg.penalty).backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.last_reg = reg
+        parts = " ".join(f"{k} {v:.3f}" for k, v in dl.parts.items())
+        extra = f"[{parts}]  r {reg.ratio:.3f}/{self.cfg.target:g}  λ {reg.lam:,.0f}"
+        return float(dl.total.detach()), int(batch["attention_mask"].sum()), extra
+
+    def evaluate(self) -> EvalResult:
+        masks = self.scores.freeze()
+        try:
+            result = evaluate_encoded(self.student, self.task, self.dev, "dev")
+        finally:
+            self.scores.unfreeze()
+        ratio = counted_ratio(masks, self.scores.geo)
+        return EvalResult(
+            result.task,
+            result.split,
+            {**result.metrics, "remaining_ratio": ratio},
+            result.num_examples,
+            result.seconds,
+            result.outputs,
+        )
+
+    def finalize(self, result: EvalResult) -> None:
+        masks = self.scores.freeze()
+        detach_masks(layer_linears(self.student))
+        extra = {
+            "task": self.task.name,
+            "target": self.cfg.target,
+            "teacher": self.cfg.teacher,
+            "base_model": _base_model(self.cfg.teacher),
+            "student_init": self.cfg.student or self.cfg.teacher,
+            "config": self.cfg.to_dict(),
+            "steps": self.state.step,
+            "wall_time_s": round(self.state.elapsed, 1),
+            "history": self.state.history,
+            "versions": versions(),
+        }
+        manifest = build_manifest(self.student, masks, extra)
+        with staging_dir(self.out) as tmp, quiet_transformers():
+            self.student.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            save_masks(tmp / MASKS_FILE, masks, self.scores.geo)
+            write_json(tmp / MANIFEST_FILE, manifest)
+            write_json(
+                tmp / METADATA_FILE, {"task": self.task.name, "kind": "masked", "config": self.cfg.to_dict()}
+            )
+            write_summary(manifest, tmp)
+        teacher_eval = _teacher_eval(self.cfg.teacher)
+        write_json(
+            self.out / EVAL_FILE,
+            {
+                **result.to_json(),
+                "remaining_ratio": manifest["remaining_ratio"],
+                "target": self.cfg.target,
+                "teacher_metrics": teacher_eval,
+                "wall_time_s": extra["wall_time_s"],
+            },
+        )
+
+
+def _base_model(teacher: str) -> str:
+    meta = read_metadata(Path(resolve_model(teacher))) if Path(teacher).is_dir() else {}
+    return meta.get("base_model", teacher)
+
+
+def _teacher_eval(teacher: str) -> dict[str, float] | None:
+    path = Path(teacher) / EVAL_FILE
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8")).get("metrics")

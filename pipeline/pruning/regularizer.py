@@ -1,0 +1,85 @@
+"""Remaining-weight ratio r and the adaptive regularizer that drives it to a target r*.
+
+Weights counted: the six prunable matrices of every encoder layer (biases, embeddings and the
+classifier are not). With hidden D, attention width A = H * d and intermediate I, one layer has
+
+    N_layer = 3 * D * A  (Q, K, V)  +  D * A  (O)  +  I * D  (FFN-in)  +  D * I  (FFN-out).
+
+With keep fractions h (heads), o (O rows), f (FFN-in rows) and g (FFN-out rows), the kept
+weights are
+
+    3 * D * A * h   +   D * A * h * o   +   I * D * f   +   D * I * f * g
+
+because a pruned head also removes O's input columns and a pruned FFN-in row removes FFN-out's
+input columns. r = sum kept / sum N over layers.
+
+Each fraction is the exact kept share ceil(sigmoid(t) * N_unit) / N_unit in value, with the
+gradient of sigmoid(t) (straight-through), so r equals the count from the real masks while
+still pulling every threshold down:
+
+    frac = sigmoid(t) + (ceil(sigmoid(t) * N) / N - sigmoid(t)).detach()
+
+Regularizer (MLPruning): R = (r - r*)^2 while r > r*, else 0;
+lambda = max(lambda_final * R / (1 - r*)^2, lambda_min), so lambda is large while far from the
+target and decays to lambda_min as r arrives; loss = task loss + lambda * R (lambda detached).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.adapters import Geometry
+from pipeline.pruning.binarizer import kept_count
+from pipeline.pruning.masks import MaskScores, unit_sizes
+
+
+def _fraction(threshold: torch.Tensor, n: int) -> torch.Tensor:
+    soft = torch.sigmoid(threshold.double())  # float64: millions of weights summed exactly
+    exact = kept_count(threshold.detach(), n) / n
+    return soft + (exact - soft).detach()
+
+
+def layer_weights(geo: Geometry) -> int:
+    attn = geo.num_heads * geo.head_dim
+    return 4 * geo.hidden * attn + 2 * geo.hidden * geo.intermediate
+
+
+def remaining_ratio(scores: MaskScores) -> torch.Tensor:
+    """Differentiable r over the whole encoder, equal to the ratio counted from the masks."""
+    geo = scores.geo
+    sizes = unit_sizes(geo)
+    attn = geo.num_heads * geo.head_dim
+    kept = torch.zeros((), dtype=torch.float64)
+    for layer in range(geo.num_layers):
+        f = {u: _fraction(scores.thresholds[f"layer{layer}_{u}"], n) for u, n in sizes.items()}
+        kept = kept + 3 * geo.hidden * attn * f["heads"] + geo.hidden * attn * f["heads"] * f["attn_out"]
+        kept = kept + geo.intermediate * geo.hidden * f["ffn_in"] * (1 + f["ffn_out"])
+    return kept / (geo.num_layers * layer_weights(geo))
+
+
+def counted_ratio(masks: dict[str, torch.Tensor], geo: Geometry) -> float:
+    """r from hard masks (the definition ``remaining_ratio`` must match)."""
+    d, kept = geo.head_dim, 0
+    for layer in range(geo.num_layers):
+        m = {u: masks[f"layer{layer}_{u}"].bool() for u in ("heads", "attn_out", "ffn_in", "ffn_out")}
+        cols = int(m["heads"].sum()) * d
+        kept += 3 * geo.hidden * cols + int(m["attn_out"].sum()) * cols
+        kept += int(m["ffn_in"].sum()) * geo.hidden + int(m["ffn_out"].sum()) * int(m["ffn_in"].sum())
+    return kept / (geo.num_layers * layer_weights(geo))
+
+
+@dataclass(frozen=True)
+class RegTerm:
+    penalty: torch.Tensor  # lambda * R, to add to the loss
+    ratio: float
+    lam: float
+    gap: float  # R
+
+
+def adaptive_regularizer(r: torch.Tensor, target: float, lambda_final: float, lambda_min: float) -> RegTerm:
+    over = torch.clamp(r - target, min=0.0)
+    gap = over * over
+    lam = max(lambda_final * float(gap.detach()) / (1.0 - target) ** 2, lambda_min) if target < 1 else 0.0
+    return RegTerm(lam * gap, float(r.detach()), lam, float(gap.detach()))

@@ -1,0 +1,94 @@
+"""Per-layer structure of a pruned model: a table, ``structure.json`` and a PNG heat map.
+
+The heat map has two panels: which heads survive in each layer (a layers x heads grid), and the
+kept fraction of each row unit per layer (heads, O rows, FFN rows, FFN-out rows), annotated
+with the counts. Drawn with matplotlib's non-interactive Agg backend.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mlpruning.atomic import write_json
+
+STRUCTURE_JSON = "structure.json"
+STRUCTURE_PNG = "structure.png"
+
+
+def structure(manifest: dict[str, Any]) -> dict[str, Any]:
+    geo = manifest["geometry"]
+    rows = []
+    for i, layer in enumerate(manifest["layers"]):
+        rows.append(
+            {
+                "layer": i,
+                "heads_kept": layer["num_heads_kept"],
+                "heads_total": geo["num_heads"],
+                "head_indices": layer["heads_kept"],
+                "attn_out_rows_kept": layer["attn_out_rows_kept"],
+                "attn_out_rows_total": geo["hidden"],
+                "ffn_rows_kept": layer["ffn_rows_kept"],
+                "ffn_rows_total": geo["intermediate"],
+                "ffn_out_rows_kept": layer["ffn_out_rows_kept"],
+                "ffn_out_rows_total": geo["hidden"],
+            }
+        )
+    return {"remaining_ratio": manifest["remaining_ratio"], "target": manifest.get("target"), "layers": rows}
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    lines = [f"{'layer':>5} {'heads':>7} {'O rows':>11} {'FFN rows':>11} {'FFN-out rows':>12}"]
+    for r in summary["layers"]:
+        lines.append(
+            f"{r['layer']:>5} {r['heads_kept']:>3}/{r['heads_total']:<3} "
+            f"{r['attn_out_rows_kept']:>5}/{r['attn_out_rows_total']:<5} "
+            f"{r['ffn_rows_kept']:>5}/{r['ffn_rows_total']:<5} "
+            f"{r['ffn_out_rows_kept']:>5}/{r['ffn_out_rows_total']:<6}"
+        )
+    lines.append(f"remaining encoder weights: {summary['remaining_ratio']:.4f} (target {summary['target']})")
+    return "\n".join(lines)
+
+
+def draw_heatmap(summary: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    layers = summary["layers"]
+    n_heads = layers[0]["heads_total"]
+    grid = np.zeros((len(layers), n_heads))
+    for r in layers:
+        grid[r["layer"], r["head_indices"]] = 1.0
+    units = [
+        ("heads", "heads"),
+        ("O rows", "attn_out_rows"),
+        ("FFN rows", "ffn_rows"),
+        ("FFN-out", "ffn_out_rows"),
+    ]
+    frac = np.array([[r[f"{k}_kept"] / r[f"{k}_total"] for _, k in units] for r in layers])
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(4 + 0.35 * n_heads + 4, 1.2 + 0.45 * len(layers)))
+    ax1.imshow(grid, cmap="Greens", vmin=0, vmax=1, aspect="auto")
+    ax1.set(
+        title="heads kept", xlabel="head", ylabel="layer", xticks=range(n_heads), yticks=range(len(layers))
+    )
+    im = ax2.imshow(frac, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    ax2.set(title="kept fraction per unit", xticks=range(len(units)), yticks=range(len(layers)))
+    ax2.set_xticklabels([u for u, _ in units])
+    for (i, j), v in np.ndenumerate(frac):
+        kept = layers[i][f"{units[j][1]}_kept"]
+        ax2.text(j, i, f"{kept}", ha="center", va="center", color="white" if v < 0.6 else "black", fontsize=8)
+    fig.colorbar(im, ax=ax2, fraction=0.046)
+    fig.suptitle(f"remaining encoder weights {summary['remaining_ratio']:.3f} (target {summary['target']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_summary(manifest: dict[str, Any], folder: Path) -> dict[str, Any]:
+    summary = structure(manifest)
+    write_json(folder / STRUCTURE_JSON, summary)
+    draw_heatmap(summary, folder / STRUCTURE_PNG)
+    return summary
