@@ -32,6 +32,7 @@ DataDirOpt = Annotated[
     typer.Option("--data-dir", help="Your own GLUE folder (SST-2/train.tsv ...); default: embedded copy."),
 ]
 ThreadsOpt = Annotated[int | None, typer.Option("--threads", min=1, help="torch intra-op threads.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA if present), cpu, cuda or cuda:N.")]
 
 
 def _echo_err(message: str) -> None:
@@ -115,6 +116,7 @@ def finetune(
     ] = None,
     data_dir: DataDirOpt = None,
     threads: ThreadsOpt = None,
+    device: DeviceOpt = "auto",
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --out.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace what --out holds.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
@@ -139,7 +141,7 @@ def finetune(
     _set_threads(threads)
     check_out_dir(out, resume, overwrite)
     console = _console()
-    runner = Finetuner(cfg, out, TrainProgress(enabled=not quiet, console=console))
+    runner = Finetuner(cfg, out, TrainProgress(enabled=not quiet, console=console), device=device)
     if not quiet:
         console.print(f"fine-tuning {cfg.model} on {cfg.task}: {runner.total_steps} steps -> {out}")
     try:
@@ -213,6 +215,7 @@ def prune(
     ] = None,
     data_dir: DataDirOpt = None,
     threads: ThreadsOpt = None,
+    device: DeviceOpt = "auto",
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --out.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace what --out holds.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
@@ -252,7 +255,7 @@ def prune(
 
     check_out_dir(out, resume, overwrite)
     console = _console()
-    runner = Pruner(cfg, out, TrainProgress(enabled=main_rank and not quiet, console=console))
+    runner = Pruner(cfg, out, TrainProgress(enabled=main_rank and not quiet, console=console), device=device)
     if main_rank and not quiet:
         student = cfg.student or cfg.teacher
         steps = runner.total_steps

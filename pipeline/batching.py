@@ -75,8 +75,10 @@ def sorted_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def collate(encoded: Encoded, indices: np.ndarray) -> dict[str, torch.Tensor]:
-    """Pad the chosen examples to the longest among them."""
+def collate(
+    encoded: Encoded, indices: np.ndarray, device: torch.device | str = "cpu"
+) -> dict[str, torch.Tensor]:
+    """Pad the chosen examples to the longest among them (on ``device``)."""
     import torch
 
     width = max(len(encoded.features["input_ids"][i]) for i in indices)
@@ -86,5 +88,5 @@ def collate(encoded: Encoded, indices: np.ndarray) -> dict[str, torch.Tensor]:
         out = torch.full((len(indices), width), fill, dtype=torch.long)
         for r, i in enumerate(indices):
             out[r, : len(rows[i])] = torch.as_tensor(rows[i])
-        batch[key] = out
+        batch[key] = out.to(device)
     return batch

@@ -51,12 +51,13 @@ def predict(model: PreTrainedModel, encoded: Encoded, batch_size: int = 64) -> n
     import torch
 
     was_training = model.training
+    device = next(model.parameters()).device
     model.eval()
     chunks: list[tuple[np.ndarray, np.ndarray]] = []
     with torch.inference_mode():
         for idx in sorted_batches(encoded.lengths, batch_size):
-            logits = model(**collate(encoded, idx)).logits
-            chunks.append((idx, logits.float().numpy()))
+            logits = model(**collate(encoded, idx, device)).logits
+            chunks.append((idx, logits.float().cpu().numpy()))
     model.train(was_training)
     width = chunks[0][1].shape[-1]
     out = np.empty((len(encoded), width), dtype=np.float32)

@@ -54,7 +54,7 @@ class _Bar:
         if self.progress is not None:
             self.progress.update(self.task_id, advance=1, stats=stats)
         elif self.log_every and self.steps % self.log_every == 0:
-            self.console.print(self._plain_line(stats))
+            self.console.print(self._plain_line(stats), markup=False, highlight=False, soft_wrap=True)
 
 
 class TrainProgress:
@@ -74,7 +74,7 @@ class TrainProgress:
             TextColumn("[bold]train"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("{task.fields[stats]}"),
+            TextColumn("{task.fields[stats]}", markup=False),
             TimeElapsedColumn(),
             TextColumn("ETA"),
             TimeRemainingColumn(),

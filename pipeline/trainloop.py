@@ -75,6 +75,22 @@ def check_out_dir(out: Path, resume: bool, overwrite: bool, done_file: str = EVA
         )
 
 
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' -> this rank's CUDA device if there is one, else CPU; 'cpu' / 'cuda' / 'cuda:N' as given."""
+    import os
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda asked for, but torch sees no CUDA device: use --device cpu")
+        if name == "cuda":
+            name = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    elif name != "cpu":
+        raise UserError(f"unknown device '{name}': use auto, cpu, cuda or cuda:N")
+    return torch.device(name)
+
+
 def world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -106,15 +122,16 @@ def stop_on_signal() -> Iterator[list[bool]]:
             signal.signal(sig, prev)
 
 
-def check_ranks_in_sync(modules: dict[str, torch.nn.Module]) -> None:
+def check_ranks_in_sync(modules: dict[str, torch.nn.Module], device: torch.device) -> None:
     """Under DDP every rank must end with the same parameters; fail loudly if not."""
     size = world()[1]
     if size == 1:
         return
     total = torch.tensor(
-        [float(sum(p.detach().double().sum() for m in modules.values() for p in m.parameters()))]
+        [float(sum(p.detach().double().sum() for m in modules.values() for p in m.parameters()))],
+        device=device,
     )
-    gathered = [torch.zeros(1) for _ in range(size)]
+    gathered = [torch.zeros(1, device=device) for _ in range(size)]
     dist.all_gather(gathered, total)
     if any(not torch.allclose(g, gathered[0], rtol=1e-6) for g in gathered):
         raise RuntimeError(f"DDP ranks diverged: parameter sums {[float(g) for g in gathered]}")
@@ -134,6 +151,7 @@ class TrainLoop:
 
     cfg: Any
     out: Path
+    device: torch.device = torch.device("cpu")
     train: Encoded
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -167,6 +185,7 @@ class TrainLoop:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
             "step": self.state.step,
             "elapsed": self.state.elapsed,
             "history": self.state.history,
@@ -195,6 +214,8 @@ class TrainLoop:
         self.optimizer.load_state_dict(blob["optimizer"])
         self.scheduler.load_state_dict(blob["scheduler"])
         torch.set_rng_state(blob["rng"])
+        if self.device.type == "cuda" and blob.get("cuda_rng"):
+            torch.cuda.set_rng_state_all(blob["cuda_rng"])
         self.state = LoopState(blob["step"], blob["elapsed"], list(blob["history"]))
 
     # the loop --------------------------------------------------------------------------------
@@ -212,7 +233,7 @@ class TrainLoop:
         """True on every rank if any rank wants to stop (ranks must leave the loop together)."""
         if world()[1] == 1:
             return flag
-        t = torch.tensor([1.0 if flag else 0.0])
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
@@ -248,7 +269,7 @@ class TrainLoop:
                     raise Interrupted(self.state.step, self.total_steps)
         if not evaluated:  # resumed exactly at the end
             result = self._record_eval()
-        check_ranks_in_sync(self.stateful())
+        check_ranks_in_sync(self.stateful(), self.device)
         if is_main():
             self.finalize(result)
             shutil.rmtree(self.out / RESUME_FILE.parent, ignore_errors=True)

@@ -38,7 +38,7 @@ FORMAT_VERSION = 1
 
 def masks_to_file_keys(masks: dict[str, torch.Tensor], geo: Geometry) -> dict[str, torch.Tensor]:
     return {
-        f"layer.{i}.{u}": masks[f"layer{i}_{u}"].detach().bool().contiguous()
+        f"layer.{i}.{u}": masks[f"layer{i}_{u}"].detach().bool().cpu().contiguous()
         for i in range(geo.num_layers)
         for u in UNITS
     }

@@ -39,7 +39,7 @@ from pipeline.pruning.masks import MaskScores, attach, detach_masks
 from pipeline.pruning.regularizer import RegTerm, adaptive_regularizer, counted_ratio, remaining_ratio
 from pipeline.pruning.summary import write_summary
 from pipeline.tasks import get_task
-from pipeline.trainloop import EVAL_FILE, TrainLoop, linear_schedule
+from pipeline.trainloop import EVAL_FILE, TrainLoop, linear_schedule, resolve_device
 
 
 class PrunableModel(nn.Module):
@@ -70,8 +70,11 @@ def check_teacher(teacher_dir: str, task: str, student_tokenizer: Any, teacher_t
 class Pruner(TrainLoop):
     """One step-1 pruning run into ``out``."""
 
-    def __init__(self, cfg: PruneConfig, out: Path, progress: TrainProgress | None = None) -> None:
+    def __init__(
+        self, cfg: PruneConfig, out: Path, progress: TrainProgress | None = None, device: str = "auto"
+    ) -> None:
         self.cfg, self.out = cfg, out
+        self.device = resolve_device(device)
         self.task = get_task(cfg.task)
         self.progress = progress or TrainProgress(enabled=False)
         student_src = cfg.student or cfg.teacher
@@ -91,7 +94,8 @@ class Pruner(TrainLoop):
             self.student.base_model.embeddings.requires_grad_(False)
         self.scores = MaskScores(geometry(self.student), cfg.threshold_init, cfg.score_init)
         attach(layer_linears(self.student), self.scores)
-        self.model = PrunableModel(self.student, self.scores)
+        self.model = PrunableModel(self.student, self.scores).to(self.device)
+        self.teacher.to(self.device)
         self.setup_loop(cfg.epochs)
         groups = param_groups(self.student, cfg.weight_decay)
         mask_lr = cfg.mask_learning_rate
@@ -121,12 +125,12 @@ class Pruner(TrainLoop):
 
     def train_step(self, indices: np.ndarray) -> tuple[float, int, str]:
         self.model.train()
-        batch = collate(self.train, indices)
+        batch = collate(self.train, indices, self.device)
         need_attn = self.weights.attention > 0 and self.weights.alpha_distil > 0
         kwargs = {"output_hidden_states": self.weights.hidden > 0, "output_attentions": need_attn}
         with torch.no_grad():
             t_out = self.teacher(**batch, **kwargs)
-        labels = labels_tensor(self.train, indices, self.task.is_regression)
+        labels = labels_tensor(self.train, indices, self.task.is_regression).to(self.device)
         s_out = self.ddp_model(**batch, labels=labels, **kwargs)
         dl = distill_loss(s_out, t_out, s_out.loss, batch["attention_mask"], self.weights)
         reg = self.regularizer()

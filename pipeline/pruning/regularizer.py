@@ -51,7 +51,7 @@ def remaining_ratio(scores: MaskScores) -> torch.Tensor:
     geo = scores.geo
     sizes = unit_sizes(geo)
     attn = geo.num_heads * geo.head_dim
-    kept = torch.zeros((), dtype=torch.float64)
+    kept = torch.zeros((), dtype=torch.float64, device=next(iter(scores.thresholds.values())).device)
     for layer in range(geo.num_layers):
         f = {u: _fraction(scores.thresholds[f"layer{layer}_{u}"], n) for u, n in sizes.items()}
         kept = kept + 3 * geo.hidden * attn * f["heads"] + geo.hidden * attn * f["heads"] * f["attn_out"]
