@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -33,6 +33,13 @@ DataDirOpt = Annotated[
 ]
 ThreadsOpt = Annotated[int | None, typer.Option("--threads", min=1, help="torch intra-op threads.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA if present), cpu, cuda or cuda:N.")]
+EpochsOpt = Annotated[float | None, typer.Option(help="Epochs (fractions allowed).")]
+SeedOpt = Annotated[int | None, typer.Option(help="Random seed.")]
+SaveEveryOpt = Annotated[int | None, typer.Option(help="Steps between resume checkpoints.")]
+SubsetOpt = Annotated[int | None, typer.Option(help="Train on a random subset of this size.")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --out.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace what --out holds.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")]
 
 
 def _echo_err(message: str) -> None:
@@ -84,16 +91,6 @@ def tasks(
         )
 
 
-def _finetune_config(config: Path | None, overrides: dict[str, Any]):
-    from pipeline.config import FinetuneConfig, from_mapping, load_toml
-
-    values = load_toml(config, "finetune") if config else {}
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    if "task" not in values:
-        raise UserError("no task given: pass --task (sst2, mrpc, rte, stsb, mnli) or set it in --config")
-    return from_mapping(FinetuneConfig, values, str(config) if config else "options")
-
-
 @app.command()
 def finetune(
     out: Annotated[Path, typer.Option("--out", help="Output folder for the fine-tuned checkpoint.")],
@@ -105,21 +102,19 @@ def finetune(
     config: Annotated[
         Path | None, typer.Option("--config", help="TOML file with a [finetune] table.")
     ] = None,
-    epochs: Annotated[float | None, typer.Option(help="Epochs (fractions allowed).")] = None,
+    epochs: EpochsOpt = None,
     batch_size: Annotated[int | None, typer.Option(help="Examples per step.")] = None,
     lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate.")] = None,
     max_length: Annotated[int | None, typer.Option(help="Truncate inputs to this many tokens.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
-    save_every: Annotated[int | None, typer.Option(help="Steps between resume checkpoints.")] = None,
-    max_train_examples: Annotated[
-        int | None, typer.Option(help="Train on a random subset of this size.")
-    ] = None,
+    seed: SeedOpt = None,
+    save_every: SaveEveryOpt = None,
+    max_train_examples: SubsetOpt = None,
     data_dir: DataDirOpt = None,
     threads: ThreadsOpt = None,
     device: DeviceOpt = "auto",
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --out.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace what --out holds.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
+    resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Fine-tune a dense teacher on a GLUE task; writes an HF checkpoint and eval.json."""
     overrides = {
@@ -134,7 +129,9 @@ def finetune(
         "max_train_examples": max_train_examples,
         "data_dir": str(data_dir) if data_dir else None,
     }
-    cfg = _finetune_config(config, overrides)
+    from pipeline.config import FinetuneConfig, build_config
+
+    cfg = build_config(FinetuneConfig, "finetune", config, overrides, required=("task",))
     from pipeline.finetune import Finetuner, Interrupted, check_out_dir
     from pipeline.progress import TrainProgress
 
@@ -199,7 +196,7 @@ def prune(
     student: Annotated[
         str | None, typer.Option("--student", help="Model to prune; default: the teacher.")
     ] = None,
-    epochs: Annotated[float | None, typer.Option(help="Epochs (fractions allowed).")] = None,
+    epochs: EpochsOpt = None,
     batch_size: Annotated[int | None, typer.Option(help="Examples per step (over all processes).")] = None,
     lr: Annotated[float | None, typer.Option("--lr", help="Weight learning rate.")] = None,
     mask_lr: Annotated[
@@ -208,22 +205,19 @@ def prune(
     lambda_final: Annotated[
         float | None, typer.Option(help="Regularizer strength far from the target.")
     ] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
-    save_every: Annotated[int | None, typer.Option(help="Steps between resume checkpoints.")] = None,
-    max_train_examples: Annotated[
-        int | None, typer.Option(help="Train on a random subset of this size.")
-    ] = None,
+    seed: SeedOpt = None,
+    save_every: SaveEveryOpt = None,
+    max_train_examples: SubsetOpt = None,
     data_dir: DataDirOpt = None,
     threads: ThreadsOpt = None,
     device: DeviceOpt = "auto",
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --out.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace what --out holds.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
+    resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """MLPruning step 1: prune heads and rows to --target, distilled from --teacher."""
-    from pipeline.config import PruneConfig, from_mapping, load_toml
+    from pipeline.config import PruneConfig, build_config
 
-    values = load_toml(config, "prune") if config else {}
     overrides = {
         "teacher": teacher,
         "task": task,
@@ -239,11 +233,7 @@ def prune(
         "max_train_examples": max_train_examples,
         "data_dir": str(data_dir) if data_dir else None,
     }
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    missing = [k for k in ("teacher", "task", "target") if k not in values]
-    if missing:
-        raise UserError(f"missing {', '.join('--' + m for m in missing)}: pass them or set them in --config")
-    cfg = from_mapping(PruneConfig, values, str(config) if config else "options")
+    cfg = build_config(PruneConfig, "prune", config, overrides, required=("teacher", "task", "target"))
     if not Path(cfg.teacher).is_dir():
         raise UserError(f"teacher folder {cfg.teacher} does not exist: pass the output of mlpruning finetune")
     main_rank = _init_distributed()

@@ -24,6 +24,20 @@ def _check(cond: bool, field: str, rule: str, value: Any) -> None:
         raise ValueError(f"{field} must be {rule}, got {value!r}")
 
 
+def _check_training(cfg: Any) -> None:
+    """Fields every training config shares."""
+    _check(0 < cfg.epochs <= 100, "epochs", "in (0, 100]", cfg.epochs)
+    _check(1 <= cfg.batch_size <= 4096, "batch_size", "in [1, 4096]", cfg.batch_size)
+    _check(0 < cfg.learning_rate < 1, "learning_rate", "in (0, 1)", cfg.learning_rate)
+    _check(0 <= cfg.weight_decay < 1, "weight_decay", "in [0, 1)", cfg.weight_decay)
+    _check(0 <= cfg.warmup_ratio < 1, "warmup_ratio", "in [0, 1)", cfg.warmup_ratio)
+    _check(cfg.max_grad_norm > 0, "max_grad_norm", "> 0", cfg.max_grad_norm)
+    _check(8 <= cfg.max_length <= 4096, "max_length", "in [8, 4096]", cfg.max_length)
+    _check(cfg.save_every >= 1, "save_every", ">= 1", cfg.save_every)
+    n = cfg.max_train_examples
+    _check(n is None or n >= 1, "max_train_examples", ">= 1 or unset", n)
+
+
 @dataclass(frozen=True)
 class FinetuneConfig:
     """Dense fine-tuning of an encoder on a GLUE task (the teacher of later steps)."""
@@ -44,20 +58,7 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "task", get_task(self.task).name)
-        _check(0 < self.epochs <= 100, "epochs", "in (0, 100]", self.epochs)
-        _check(1 <= self.batch_size <= 4096, "batch_size", "in [1, 4096]", self.batch_size)
-        _check(0 < self.learning_rate < 1, "learning_rate", "in (0, 1)", self.learning_rate)
-        _check(0 <= self.weight_decay < 1, "weight_decay", "in [0, 1)", self.weight_decay)
-        _check(0 <= self.warmup_ratio < 1, "warmup_ratio", "in [0, 1)", self.warmup_ratio)
-        _check(self.max_grad_norm > 0, "max_grad_norm", "> 0", self.max_grad_norm)
-        _check(8 <= self.max_length <= 4096, "max_length", "in [8, 4096]", self.max_length)
-        _check(self.save_every >= 1, "save_every", ">= 1", self.save_every)
-        _check(
-            self.max_train_examples is None or self.max_train_examples >= 1,
-            "max_train_examples",
-            ">= 1 or unset",
-            self.max_train_examples,
-        )
+        _check_training(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -75,6 +76,19 @@ def from_mapping(cls: type[T], values: dict[str, Any], source: str) -> T:
         raise UserError(f"{source}: {exc}") from None
     except TypeError as exc:
         raise UserError(f"{source}: {exc}") from None
+
+
+def build_config(
+    cls: type[T], section: str, path: Path | None, overrides: dict[str, Any], required: tuple[str, ...]
+) -> T:
+    """A config from an optional TOML table, overridden by the CLI options that were given."""
+    values = load_toml(path, section) if path else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    missing = [k for k in required if k not in values]
+    if missing:
+        flags = ", ".join("--" + m.replace("_", "-") for m in missing)
+        raise UserError(f"missing {flags}: pass them or set them in the [{section}] table of --config")
+    return from_mapping(cls, values, str(path) if path else "options")
 
 
 def load_toml(path: Path, section: str) -> dict[str, Any]:
@@ -129,14 +143,8 @@ class PruneConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "task", get_task(self.task).name)
         _check(0 < self.target <= 1, "target", "in (0, 1]", self.target)
-        _check(0 < self.epochs <= 100, "epochs", "in (0, 100]", self.epochs)
-        _check(1 <= self.batch_size <= 4096, "batch_size", "in [1, 4096]", self.batch_size)
-        _check(0 < self.learning_rate < 1, "learning_rate", "in (0, 1)", self.learning_rate)
+        _check_training(self)
         _check(0 < self.mask_learning_rate < 10, "mask_learning_rate", "in (0, 10)", self.mask_learning_rate)
-        _check(0 <= self.weight_decay < 1, "weight_decay", "in [0, 1)", self.weight_decay)
-        _check(0 <= self.warmup_ratio < 1, "warmup_ratio", "in [0, 1)", self.warmup_ratio)
-        _check(self.max_grad_norm > 0, "max_grad_norm", "> 0", self.max_grad_norm)
-        _check(8 <= self.max_length <= 4096, "max_length", "in [8, 4096]", self.max_length)
         _check(self.lambda_final >= 0, "lambda_final", ">= 0", self.lambda_final)
         _check(self.lambda_min >= 0 and self.lambda_settled >= 0, "lambda_min", ">= 0", self.lambda_min)
         _check(
@@ -148,13 +156,6 @@ class PruneConfig:
         _check(self.temperature > 0, "temperature", "> 0", self.temperature)
         for name in ("alpha_distil", "alpha_ce", "hidden_weight", "attention_weight"):
             _check(getattr(self, name) >= 0, name, ">= 0", getattr(self, name))
-        _check(self.save_every >= 1, "save_every", ">= 1", self.save_every)
-        _check(
-            self.max_train_examples is None or self.max_train_examples >= 1,
-            "max_train_examples",
-            ">= 1 or unset",
-            self.max_train_examples,
-        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-COMMANDS = ("finetune", "eval", "tasks")
+COMMANDS = ("finetune", "eval", "tasks", "prune", "inspect")
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -53,7 +53,7 @@ def test_version():
     ("args", "fragment"),
     [
         (("finetune", "--task", "qqp", "--out", "{tmp}/o"), "unknown task 'qqp'"),
-        (("finetune", "--out", "{tmp}/o"), "no task given"),
+        (("finetune", "--out", "{tmp}/o"), "missing --task"),
         (("finetune", "--task", "sst2", "--out", "{tmp}/o", "--epochs", "0"), "epochs must be in (0, 100]"),
         (("finetune", "--task", "sst2", "--model", "{tmp}/nope", "--out", "{tmp}/o"), "does not exist"),
         (
@@ -98,3 +98,59 @@ def test_finetune_and_eval_round_trip(tiny_bert, glue_dir, tmp_path):
     assert json.loads(report.read_text())["metrics"] == pytest.approx(trained["metrics"])
     wrong = run_cli("eval", str(out), "--task", "rte")
     assert_one_line_error(wrong, "was fine-tuned on sst2, not rte")
+
+
+def test_prune_bad_input_gives_one_line_and_exit_2(tiny_bert, tmp_path):
+    import shutil
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_bert, teacher)
+    (teacher / "mlpruning.json").write_text(json.dumps({"task": "mrpc"}))
+    base = ("prune", "--teacher", str(teacher), "--out", str(tmp_path / "o"))
+    assert_one_line_error(run_cli(*base, "--task", "sst2", "--target", "1.5"), "target must be in (0, 1]")
+    assert_one_line_error(run_cli(*base, "--task", "sst2", "--target", "0.5"), "fine-tuned on mrpc, not sst2")
+    assert_one_line_error(run_cli(*base, "--task", "mrpc"), "missing --target")
+    missing = run_cli(
+        "prune",
+        "--teacher",
+        str(tmp_path / "none"),
+        "--task",
+        "sst2",
+        "--target",
+        "0.5",
+        "--out",
+        str(tmp_path / "o"),
+    )
+    assert_one_line_error(missing, "does not exist")
+    assert not (tmp_path / "o").exists()
+
+
+def test_inspect_names_the_tensor_that_disagrees(tiny_bert, tmp_path):
+    """A masked checkpoint whose weights are not zero where its masks are off is refused."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_bert, ckpt)
+    manifest = {
+        "format_version": 1,
+        "task": "sst2",
+        "remaining_ratio": 0.9,
+        "target": 0.9,
+        "layers": [],
+        "geometry": {},
+    }
+    (ckpt / "pruning.json").write_text(json.dumps(manifest))
+    masks = {
+        f"layer.{i}.{u}": torch.ones(n, dtype=torch.bool)
+        for i in range(2)
+        for u, n in (("heads", 4), ("attn_out", 32), ("ffn_in", 64), ("ffn_out", 32))
+    }
+    masks["layer.1.heads"][2] = False  # the random weights of head 2 are not zero
+    save_file(masks, str(ckpt / "masks.safetensors"))
+    proc = run_cli("inspect", str(ckpt))
+    assert_one_line_error(proc, "tensor bert.encoder.layer.1.attention.self.query.weight has 256 non-zero")
+    assert_one_line_error(run_cli("inspect", str(tmp_path / "nope")), "does not exist")
+    assert_one_line_error(run_cli("inspect", str(tiny_bert)), "not a masked checkpoint")

@@ -53,13 +53,17 @@ class PrunableModel(nn.Module):
         return self.student(**batch)
 
 
-def check_teacher(teacher_dir: str, task: str, student_tokenizer: Any, teacher_tokenizer: Any) -> None:
-    """The teacher must be fine-tuned on the same task and share the student's tokenizer."""
+def check_teacher_task(teacher_dir: str, task: str) -> None:
+    """The teacher must be fine-tuned on the task being pruned for."""
     trained_on = read_metadata(Path(teacher_dir)).get("task") if Path(teacher_dir).is_dir() else None
     if trained_on is not None and trained_on != task:
         raise UserError(
             f"teacher {teacher_dir} was fine-tuned on {trained_on}, not {task}: pass --task {trained_on}"
         )
+
+
+def check_same_tokenizer(teacher_dir: str, student_tokenizer: Any, teacher_tokenizer: Any) -> None:
+    """Distillation compares token by token: both models must tokenize identically."""
     if student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
         raise UserError(
             f"teacher {teacher_dir} and the student use different tokenizers: "
@@ -78,8 +82,9 @@ class Pruner(TrainLoop):
         self.task = get_task(cfg.task)
         self.progress = progress or TrainProgress(enabled=False)
         student_src = cfg.student or cfg.teacher
+        check_teacher_task(cfg.teacher, self.task.name)
         self.tokenizer = load_tokenizer(student_src)
-        check_teacher(cfg.teacher, self.task.name, self.tokenizer, load_tokenizer(cfg.teacher))
+        check_same_tokenizer(cfg.teacher, self.tokenizer, load_tokenizer(cfg.teacher))
         self.train, self.dev = load_task_data(cfg, self.tokenizer)
         self.weights = DistillWeights(
             cfg.alpha_distil, cfg.alpha_ce, cfg.temperature, cfg.hidden_weight, cfg.attention_weight
