@@ -17,7 +17,9 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)" --index-url $(TORCH_INDEX)
+	# torch alone from the CPU index (no deps: those come from the normal index below, so an
+	# unreachable TORCH_INDEX costs one short lookup, not one per dependency).
+	$(BIN)/python -m pip install -q --no-deps --retries 1 --timeout 10 "torch==$(TORCH_VERSION)" --index-url $(TORCH_INDEX)
 	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
 	touch $@
 
