@@ -14,11 +14,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: venv demo test test-fast lint clean
 
+# torch alone comes from TORCH_INDEX, without its dependencies: those come from the normal index
+# with the project, so an unreachable TORCH_INDEX costs one short lookup, not one per dependency.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	# torch alone from the CPU index (no deps: those come from the normal index below, so an
-	# unreachable TORCH_INDEX costs one short lookup, not one per dependency).
 	$(BIN)/python -m pip install -q --no-deps --retries 1 --timeout 10 "torch==$(TORCH_VERSION)" --index-url $(TORCH_INDEX)
 	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
 	touch $@

@@ -20,7 +20,7 @@ def test_minilm_short_finetune_and_eval(tmp_path):
         "--out",
         str(out),
         "--max-train-examples",
-        "640",
+        "1600",
         "--epochs",
         "1",
         "--batch-size",
@@ -32,10 +32,10 @@ def test_minilm_short_finetune_and_eval(tmp_path):
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["num_examples"] == 872
-    # 20 steps on 640 real examples already lift MiniLM well above chance on the real dev set.
-    assert result["metrics"]["accuracy"] > 0.70
+    # 50 steps on 1,600 real examples lift MiniLM from chance (51%) to ~80% on the real dev set.
+    assert result["metrics"]["accuracy"] > 0.75
     meta = json.loads((out / "mlpruning.json").read_text())
-    assert meta["base_model"] == "all-MiniLM-L6-v2" and meta["train_examples"] == 640
+    assert meta["base_model"] == "all-MiniLM-L6-v2" and meta["train_examples"] == 1600
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "bert" and config["id2label"] == {"0": "negative", "1": "positive"}
     ev = run_cli("eval", str(out))
