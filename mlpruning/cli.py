@@ -132,8 +132,9 @@ def finetune(
     from pipeline.config import FinetuneConfig, build_config
 
     cfg = build_config(FinetuneConfig, "finetune", config, overrides, required=("task",))
-    from pipeline.finetune import Finetuner, Interrupted, check_out_dir
+    from pipeline.finetune import Finetuner
     from pipeline.progress import TrainProgress
+    from pipeline.trainloop import Interrupted, check_out_dir
 
     _set_threads(threads)
     check_out_dir(out, resume, overwrite)
@@ -238,10 +239,10 @@ def prune(
         raise UserError(f"teacher folder {cfg.teacher} does not exist: pass the output of mlpruning finetune")
     main_rank = _init_distributed()
     _set_threads(threads)
-    from pipeline.finetune import Interrupted, check_out_dir
     from pipeline.progress import TrainProgress
     from pipeline.pruning.pruner import Pruner
     from pipeline.pruning.summary import format_table, structure
+    from pipeline.trainloop import Interrupted, check_out_dir
 
     check_out_dir(out, resume, overwrite)
     console = _console()

@@ -26,15 +26,7 @@ from pipeline.evaluate import METADATA_FILE, EvalResult, evaluate_encoded
 from pipeline.models import load_for_task, load_tokenizer, quiet_transformers, resolve_model
 from pipeline.progress import TrainProgress
 from pipeline.tasks import get_task, load_split
-from pipeline.trainloop import (  # noqa: F401 - re-exported for the CLI and tests
-    EVAL_FILE,
-    RESUME_FILE,
-    Interrupted,
-    TrainLoop,
-    check_out_dir,
-    linear_schedule,
-    resolve_device,
-)
+from pipeline.trainloop import EVAL_FILE, TrainLoop, linear_schedule, resolve_device
 
 log = logging.getLogger(__name__)
 

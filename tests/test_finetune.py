@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 from mlpruning.errors import UserError
 from pipeline.config import FinetuneConfig
 from pipeline.evaluate import evaluate_checkpoint
-from pipeline.finetune import RESUME_FILE, Finetuner, Interrupted, check_out_dir
+from pipeline.finetune import Finetuner
+from pipeline.trainloop import RESUME_FILE, Interrupted, check_out_dir
 
 
 def _cfg(model, glue_dir, **kw):

@@ -72,7 +72,11 @@ def draw_heatmap(summary: dict[str, Any], path: Path) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(4 + 0.35 * n_heads + 4, 1.2 + 0.45 * len(layers)))
     ax1.imshow(grid, cmap="Greens", vmin=0, vmax=1, aspect="auto")
     ax1.set(
-        title="heads kept", xlabel="head", ylabel="layer", xticks=range(n_heads), yticks=range(len(layers))
+        title="heads kept (dark = kept)",
+        xlabel="head",
+        ylabel="layer",
+        xticks=range(n_heads),
+        yticks=range(len(layers)),
     )
     im = ax2.imshow(frac, cmap="viridis", vmin=0, vmax=1, aspect="auto")
     ax2.set(title="kept fraction per unit", xticks=range(len(units)), yticks=range(len(layers)))
