@@ -285,6 +285,23 @@ def inspect(
     typer.echo("masks and weights agree")
 
 
+@app.command()
+def export(
+    ckpt: Annotated[Path, typer.Argument(help="Masked (prune) or fine-tuned (finetune) checkpoint folder.")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder for model.onnx and its manifest.")],
+    opset: Annotated[int, typer.Option(help="ONNX opset.", min=14)] = 17,
+) -> None:
+    """Export a checkpoint to ONNX (full size, zeros in place) with its pruning manifest."""
+    from pipeline.export import ExportMismatch, export_onnx
+
+    try:
+        report = export_onnx(ckpt, out, opset)
+    except ExportMismatch as exc:
+        _echo_err(str(exc))
+        raise typer.Exit(1) from None
+    typer.echo(json.dumps({"out": str(out), **report}, indent=2))
+
+
 def main() -> None:
     """Console-script entry point: one-line errors, exit 2 for user errors."""
     try:

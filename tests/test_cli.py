@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-COMMANDS = ("finetune", "eval", "tasks", "prune", "inspect")
+COMMANDS = ("finetune", "eval", "tasks", "prune", "inspect", "export")
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -69,6 +69,8 @@ def test_version():
         (("finetune", "--task", "mnli", "--out", "{tmp}/o"), "no embedded train split"),
         (("eval", "{tmp}/missing", "--task", "sst2"), "does not exist"),
         (("eval", "{tmp}/gpt2"), "does not say which task"),
+        (("export", "{tmp}/missing", "--out", "{tmp}/o"), "does not exist"),
+        (("export", "{tmp}/gpt2", "--out", "{tmp}/o"), "neither a masked checkpoint nor a fine-tuned one"),
     ],
 )
 def test_bad_input_gives_one_line_and_exit_2(tmp_path, args, fragment):

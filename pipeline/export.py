@@ -1,0 +1,143 @@
+"""Export a (masked or dense) checkpoint to ONNX, with a torch-free manifest beside it.
+
+The model is exported at full size with its zeros in place; the graph passes (torch-free) strip
+what the manifest says was pruned. Exporter: the TorchScript-based ``torch.onnx.export(...,
+dynamo=False)``, which on this project's 2-core CPU gave graphs ~7% faster dense and ~20% faster
+at 20% weights than the dynamo path. What the strip passes rely on, pinned by tests: each
+prunable linear is one ``MatMul`` whose node name carries the module path
+(``/bert/encoder/layer.0/attention/self/query/MatMul``) and whose weight input is an initializer
+holding W transposed ([in, out], named ``onnx::MatMul_N``, not the HF key), followed by an ``Add``
+of the bias (which keeps its HF name).
+
+Axes: batch and sequence are dynamic for every input and the logits' batch axis. The export is
+checked once on the spot: ONNX Runtime (CPU) and PyTorch must agree within 1e-4 on a fixed batch
+of mixed lengths that differs from the traced one, or nothing is written.
+
+Output folder: ``model.onnx``, ``pruning.json`` (the masked checkpoint's manifest, or a dense one
+saying nothing was pruned), ``config.json`` and tokenizer files, and ``export.json`` (exporter,
+opset, input/output names, parity at export, versions).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mlpruning import __version__
+from mlpruning.atomic import staging_dir, write_json
+from mlpruning.errors import UserError
+from pipeline.evaluate import read_metadata
+from pipeline.models import load_for_task, load_tokenizer, quiet_transformers
+from pipeline.pruning.checkpoint import MANIFEST_FILE, load_masked
+from pipeline.tasks import get_task
+
+ONNX_FILE = "model.onnx"
+EXPORT_FILE = "export.json"
+PARITY_ATOL = 1e-4
+_PROBE = [
+    "a gripping , beautifully shot film",
+    "the plot never comes together and the jokes fall flat for most of the two hours .",
+    "fine",
+]
+
+
+class ExportMismatch(Exception):
+    """The exported graph does not reproduce the PyTorch model (a failed check: exit 1)."""
+
+
+def _load(ckpt: Path) -> tuple[Any, dict[str, Any]]:
+    """The model and its manifest: verified masks for a masked checkpoint, a dense manifest otherwise."""
+    if (ckpt / MANIFEST_FILE).is_file():
+        model, _, manifest = load_masked(ckpt)
+        return model, manifest
+    task = read_metadata(ckpt).get("task")
+    if task is None:
+        raise UserError(f"{ckpt} is neither a masked checkpoint nor a fine-tuned one (no task recorded)")
+    model = load_for_task(str(ckpt), get_task(task))
+    return model, {"format_version": 1, "kind": "dense", "task": task, "layers": [], "remaining_ratio": 1.0}
+
+
+def _probe_batch(tokenizer: Any, names: list[str]) -> dict[str, np.ndarray]:
+    enc = tokenizer(_PROBE, padding=True, return_tensors="np")
+    return {k: enc[k].astype(np.int64) for k in names}
+
+
+def export_onnx(ckpt: Path, out: Path, opset: int = 17) -> dict[str, Any]:
+    """Export ``ckpt`` into ``out`` (see the module docstring); returns the export report."""
+    import onnxruntime as ort
+
+    if not ckpt.is_dir():
+        raise UserError(f"checkpoint folder {ckpt} does not exist: check the path")
+    model, manifest = _load(ckpt)
+    model = model.eval()
+    tokenizer = load_tokenizer(str(ckpt))
+    accepted = inspect.signature(model.forward).parameters
+    names = [
+        n
+        for n in ("input_ids", "attention_mask", "token_type_ids")
+        if n in tokenizer.model_input_names and n in accepted
+    ]
+    trace = tokenizer(
+        ["export trace", "a second, longer example sentence"], padding=True, return_tensors="pt"
+    )
+    dynamic = {n: {0: "batch", 1: "sequence"} for n in names} | {"logits": {0: "batch"}}
+    with staging_dir(out) as tmp, quiet_transformers():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about Python-level shape checks
+            torch.onnx.export(
+                model,
+                (),
+                str(tmp / ONNX_FILE),
+                kwargs={n: trace[n] for n in names},
+                input_names=names,
+                output_names=["logits"],
+                dynamic_axes=dynamic,
+                opset_version=opset,
+                dynamo=False,
+            )
+        probe = _probe_batch(tokenizer, names)
+        session = ort.InferenceSession(str(tmp / ONNX_FILE), providers=["CPUExecutionProvider"])
+        got = session.run(["logits"], probe)[0]
+        with torch.no_grad():
+            want = model(**{k: torch.from_numpy(v) for k, v in probe.items()}).logits.numpy()
+        diff = float(np.abs(got - want).max())
+        if diff > PARITY_ATOL:
+            raise ExportMismatch(
+                f"exported graph differs from PyTorch by {diff:.2e} (> {PARITY_ATOL}): not written"
+            )
+        report = {
+            "format_version": 1,
+            "exporter": "torchscript",
+            "dynamo": False,
+            "opset": opset,
+            "inputs": names,
+            "outputs": ["logits"],
+            "source": str(ckpt),
+            "task": manifest["task"],
+            "parity_max_abs_diff": diff,
+            "tool_version": __version__,
+            "torch": torch.__version__,
+            "onnxruntime": ort.__version__,
+        }
+        write_json(tmp / MANIFEST_FILE, manifest)
+        model.config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        for extra in ("eval.json",):
+            if (ckpt / extra).is_file():
+                shutil.copy(ckpt / extra, tmp / f"source_{extra}")
+    write_json(out / EXPORT_FILE, report)
+    return report
+
+
+def read_export(folder: Path) -> dict[str, Any]:
+    path = folder / EXPORT_FILE
+    if not path.is_file():
+        raise UserError(f"{folder} has no {EXPORT_FILE}: pass the output of mlpruning export")
+    return json.loads(path.read_text(encoding="utf-8"))
