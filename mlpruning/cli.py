@@ -302,6 +302,20 @@ def export(
     typer.echo(json.dumps({"out": str(out), **report}, indent=2))
 
 
+@app.command()
+def optimize(
+    model_dir: Annotated[Path, typer.Argument(help="Folder written by mlpruning export.")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder for the stripped model.")],
+) -> None:
+    """Physically strip pruned heads and FFN rows from an exported model (torch-free passes)."""
+    from graph_passes.optimize import optimize as run_passes
+
+    if not model_dir.is_dir():
+        raise UserError(f"model folder {model_dir} does not exist: check the path")
+    report = run_passes(model_dir, out)
+    typer.echo(json.dumps({"out": str(out), **report}, indent=2))
+
+
 def main() -> None:
     """Console-script entry point: one-line errors, exit 2 for user errors."""
     try:

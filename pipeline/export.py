@@ -33,9 +33,10 @@ import torch
 from mlpruning import __version__
 from mlpruning.atomic import staging_dir, write_json
 from mlpruning.errors import UserError
+from pipeline.adapters import geometry
 from pipeline.evaluate import read_metadata
 from pipeline.models import load_for_task, load_tokenizer, quiet_transformers
-from pipeline.pruning.checkpoint import MANIFEST_FILE, load_masked
+from pipeline.pruning.checkpoint import MANIFEST_FILE, build_manifest, load_masked
 from pipeline.tasks import get_task
 
 ONNX_FILE = "model.onnx"
@@ -55,13 +56,27 @@ class ExportMismatch(Exception):
 def _load(ckpt: Path) -> tuple[Any, dict[str, Any]]:
     """The model and its manifest: verified masks for a masked checkpoint, a dense manifest otherwise."""
     if (ckpt / MANIFEST_FILE).is_file():
-        model, _, manifest = load_masked(ckpt)
-        return model, manifest
+        model, masks, manifest = load_masked(ckpt)
+        # Back-fill what older manifests lack (row indices, base-model prefix) from the masks.
+        fresh = build_manifest(model, masks, {})
+        return model, {**manifest, **{k: fresh[k] for k in ("adapter", "geometry", "layers")}}
     task = read_metadata(ckpt).get("task")
     if task is None:
         raise UserError(f"{ckpt} is neither a masked checkpoint nor a fine-tuned one (no task recorded)")
     model = load_for_task(str(ckpt), get_task(task))
-    return model, {"format_version": 1, "kind": "dense", "task": task, "layers": [], "remaining_ratio": 1.0}
+    dense = {k: torch.ones(n, dtype=torch.bool) for k, n in _unit_sizes(model).items()}
+    return model, {**build_manifest(model, dense, {"task": task}), "kind": "dense"}
+
+
+def _unit_sizes(model: Any) -> dict[str, int]:
+    geo = geometry(model)
+    sizes = {
+        "heads": geo.num_heads,
+        "attn_out": geo.hidden,
+        "ffn_in": geo.intermediate,
+        "ffn_out": geo.hidden,
+    }
+    return {f"layer{i}_{u}": n for i in range(geo.num_layers) for u, n in sizes.items()}
 
 
 def _probe_batch(tokenizer: Any, names: list[str]) -> dict[str, np.ndarray]:

@@ -79,3 +79,31 @@ def make_glue_dir(root: Path, train_rows: int = 64, dev_rows: int = 32) -> Path:
 @pytest.fixture()
 def glue_dir(tmp_path) -> Path:
     return make_glue_dir(tmp_path / "glue")
+
+
+@pytest.fixture(scope="session")
+def masked(tmp_path_factory):
+    """A tiny masked checkpoint: threshold 0.5 prunes ~38% of every unit from the first step."""
+    from pipeline.config import FinetuneConfig, PruneConfig
+    from pipeline.finetune import Finetuner
+    from pipeline.pruning.pruner import Pruner
+
+    root = tmp_path_factory.mktemp("masked")
+    glue = make_glue_dir(root / "glue")
+    base = save_tiny(root / "base", "bert", layers=2, heads=8, hidden=64, ffn=256)
+    ft = FinetuneConfig(
+        task="sst2", model=str(base), epochs=1, batch_size=16, data_dir=str(glue), max_length=32
+    )
+    Finetuner(ft, root / "teacher").run()
+    cfg = PruneConfig(
+        task="sst2",
+        teacher=str(root / "teacher"),
+        target=0.5,
+        epochs=1,
+        batch_size=16,
+        threshold_init=0.5,
+        data_dir=str(glue),
+        max_length=32,
+    )
+    Pruner(cfg, root / "masked").run()
+    return root

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-COMMANDS = ("finetune", "eval", "tasks", "prune", "inspect", "export")
+COMMANDS = ("finetune", "eval", "tasks", "prune", "inspect", "export", "optimize")
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -70,6 +70,8 @@ def test_version():
         (("eval", "{tmp}/missing", "--task", "sst2"), "does not exist"),
         (("eval", "{tmp}/gpt2"), "does not say which task"),
         (("export", "{tmp}/missing", "--out", "{tmp}/o"), "does not exist"),
+        (("optimize", "{tmp}/missing", "--out", "{tmp}/o"), "does not exist"),
+        (("optimize", "{tmp}/gpt2", "--out", "{tmp}/o"), "has no model.onnx"),
         (("export", "{tmp}/gpt2", "--out", "{tmp}/o"), "neither a masked checkpoint nor a fine-tuned one"),
     ],
 )

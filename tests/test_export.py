@@ -13,36 +13,11 @@ from onnx import numpy_helper
 
 from mlpruning.errors import UserError
 from pipeline.adapters import adapter_for
-from pipeline.config import FinetuneConfig, PruneConfig
+from pipeline.config import FinetuneConfig
 from pipeline.export import export_onnx
 from pipeline.finetune import Finetuner
 from pipeline.pruning.checkpoint import load_masked
-from pipeline.pruning.pruner import Pruner
 from tests.conftest import make_glue_dir, save_tiny
-
-
-@pytest.fixture(scope="module")
-def masked(tmp_path_factory):
-    """A tiny masked checkpoint: threshold 0.5 prunes ~38% of every unit from the first step."""
-    root = tmp_path_factory.mktemp("export")
-    glue = make_glue_dir(root / "glue")
-    base = save_tiny(root / "base", "bert", layers=2, heads=8, hidden=64, ffn=256)
-    ft = FinetuneConfig(
-        task="sst2", model=str(base), epochs=1, batch_size=16, data_dir=str(glue), max_length=32
-    )
-    Finetuner(ft, root / "teacher").run()
-    cfg = PruneConfig(
-        task="sst2",
-        teacher=str(root / "teacher"),
-        target=0.5,
-        epochs=1,
-        batch_size=16,
-        threshold_init=0.5,
-        data_dir=str(glue),
-        max_length=32,
-    )
-    Pruner(cfg, root / "masked").run()
-    return root
 
 
 def _run(folder, batch):

@@ -78,6 +78,10 @@ def _matrix_counts(masks: dict[str, torch.Tensor], geo: Geometry, layer: int) ->
     return counts
 
 
+def _indices(mask: torch.Tensor) -> list[int]:
+    return [int(i) for i in torch.nonzero(mask.bool()).flatten()]
+
+
 def build_manifest(model: Any, masks: dict[str, torch.Tensor], extra: dict[str, Any]) -> dict[str, Any]:
     geo = geometry(model)
     adapter = adapter_for(model.config)
@@ -91,6 +95,9 @@ def build_manifest(model: Any, masks: dict[str, torch.Tensor], extra: dict[str, 
                 "attn_out_rows_kept": int(masks[f"layer{i}_attn_out"].sum()),
                 "ffn_rows_kept": int(masks[f"layer{i}_ffn_in"].sum()),
                 "ffn_out_rows_kept": int(masks[f"layer{i}_ffn_out"].sum()),
+                "attn_out_rows_kept_indices": _indices(masks[f"layer{i}_attn_out"]),
+                "ffn_rows_kept_indices": _indices(masks[f"layer{i}_ffn_in"]),
+                "ffn_out_rows_kept_indices": _indices(masks[f"layer{i}_ffn_out"]),
                 "matrices": _matrix_counts(masks, geo, i),
             }
         )
@@ -100,7 +107,12 @@ def build_manifest(model: Any, masks: dict[str, torch.Tensor], extra: dict[str, 
         "step": "head_row",
         **extra,
         "geometry": geo.__dict__,
-        "adapter": {"family": adapter.family, "layers": adapter.layers, **adapter.linear_paths()},
+        "adapter": {
+            "family": adapter.family,
+            "prefix": model.base_model_prefix,
+            "layers": adapter.layers,
+            **adapter.linear_paths(),
+        },
         "remaining_ratio": counted_ratio(masks, geo),
         "encoder_weights_total": geo.num_layers * layer_weights(geo),
         "layers": layers,

@@ -1,0 +1,71 @@
+"""Run the strip passes over an exported model folder and write the optimized folder.
+
+Order: strip heads, then strip rows. After every pass the model is serialized and must pass
+``onnx.checker`` with full shape inference; a failure names the pass. The report (also written as
+``optimize.json``) lists, per pass, the rewrites, the parameters of the prunable linears before
+and after, and the reasons anything was skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnx_ir as ir
+
+from graph_passes.strip_heads import StripHeadsPass
+from graph_passes.strip_rows import StripRowsPass
+from mlpruning.atomic import staging_dir, write_json
+from mlpruning.errors import UserError
+
+ONNX_FILE = "model.onnx"
+MANIFEST_FILE = "pruning.json"
+REPORT_FILE = "optimize.json"
+_CARRIED = (
+    "pruning.json",
+    "export.json",
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "special_tokens_map.json",
+)
+
+
+def _check(model: ir.Model, after: str) -> None:
+    proto = ir.serde.serialize_model(model)
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise RuntimeError(f"model invalid after {after}: {exc}") from exc
+
+
+def read_folder(folder: Path) -> tuple[ir.Model, dict[str, Any]]:
+    if not (folder / ONNX_FILE).is_file():
+        raise UserError(f"{folder} has no {ONNX_FILE}: pass the output of mlpruning export")
+    if not (folder / MANIFEST_FILE).is_file():
+        raise UserError(f"{folder} has no {MANIFEST_FILE}: export the model with mlpruning export")
+    manifest = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
+    if "adapter" not in manifest or "prefix" not in manifest["adapter"]:
+        raise UserError(f"{folder / MANIFEST_FILE} predates row indices: re-run mlpruning export")
+    return ir.load(folder / ONNX_FILE), manifest
+
+
+def optimize(folder: Path, out: Path) -> dict[str, Any]:
+    """Strip heads and rows of ``folder/model.onnx`` into ``out``; returns the report."""
+    model, manifest = read_folder(folder)
+    passes = [StripHeadsPass(manifest), StripRowsPass(manifest)]
+    for p in passes:
+        p(model)
+        _check(model, p.report.name)
+    report = {"source": str(folder), "passes": [p.report.to_json() for p in passes]}
+    with staging_dir(out) as tmp:
+        ir.save(model, tmp / ONNX_FILE)
+        for name in _CARRIED:
+            if (folder / name).is_file():
+                shutil.copy(folder / name, tmp / name)
+    write_json(out / REPORT_FILE, report)
+    return report

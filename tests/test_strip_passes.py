@@ -1,0 +1,99 @@
+"""Strip passes: how often they fire, the structure they leave, equality with the masked model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+import torch
+
+from graph_passes.linears import find_linears
+from graph_passes.optimize import optimize
+from graph_passes.strip_heads import StripHeadsPass
+from mlpruning.errors import UserError
+from pipeline.export import export_onnx
+from pipeline.pruning.checkpoint import load_masked
+
+
+@pytest.fixture(scope="module")
+def exported(masked, tmp_path_factory):
+    out = tmp_path_factory.mktemp("strip") / "onnx"
+    export_onnx(masked / "masked", out)
+    return out
+
+
+def test_structure_and_counts(masked, exported, tmp_path):
+    report = optimize(exported, tmp_path / "opt")
+    manifest = json.loads((exported / "pruning.json").read_text())
+    heads, rows = report["passes"]
+    pruned_head_layers = sum(1 for layer in manifest["layers"] if layer["num_heads_kept"] < 8)
+    pruned_row_layers = sum(1 for layer in manifest["layers"] if layer["ffn_rows_kept"] < 256)
+    assert heads["rewrites"] == pruned_head_layers > 0
+    assert rows["rewrites"] == pruned_row_layers > 0
+    assert rows["params_before"] == heads["params_after"]  # the passes run in sequence
+    assert rows["params_after"] < rows["params_before"] < heads["params_before"]
+    model = ir.load(tmp_path / "opt" / "model.onnx")
+    sites = find_linears(model, manifest)
+    for layer, info in enumerate(manifest["layers"]):
+        width = info["num_heads_kept"] * 8
+        for name in ("query", "key", "value"):
+            assert tuple(sites[(layer, name)].weight.shape) == (64, width)
+            assert tuple(sites[(layer, name)].bias.shape) == (width,)
+        assert tuple(sites[(layer, "attn_out")].weight.shape) == (width, 64)
+        assert tuple(sites[(layer, "ffn_in")].weight.shape) == (64, info["ffn_rows_kept"])
+        assert tuple(sites[(layer, "ffn_out")].weight.shape) == (info["ffn_rows_kept"], 64)
+    onnx.checker.check_model(onnx.load(tmp_path / "opt" / "model.onnx"), full_check=True)
+    assert json.loads((tmp_path / "opt" / "optimize.json").read_text()) == report
+
+
+def test_stripped_model_equals_masked_pytorch(masked, exported, tmp_path):
+    optimize(exported, tmp_path / "opt")
+    session = ort.InferenceSession(str(tmp_path / "opt" / "model.onnx"), providers=["CPUExecutionProvider"])
+    model, _, _ = load_masked(masked / "masked")
+    gen = torch.Generator().manual_seed(1)
+    for batch, seq in ((1, 7), (5, 31), (3, 96)):
+        ids = torch.randint(1000, 9000, (batch, seq), generator=gen)
+        mask = torch.ones_like(ids)
+        mask[-1, seq // 3 :] = 0
+        inputs = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+        with torch.no_grad():
+            want = model(**inputs).logits.numpy()
+        got = session.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
+        assert np.abs(got - want).max() <= 1e-4
+
+
+def test_dense_manifest_changes_nothing(exported, tmp_path):
+    manifest = json.loads((exported / "pruning.json").read_text())
+    for layer in manifest["layers"]:
+        layer["heads_kept"] = list(range(8))
+    model = ir.load(exported / "model.onnx")
+    result = StripHeadsPass(manifest)(model)
+    assert not result.modified
+
+
+def test_missing_pieces_are_reported(exported, tmp_path):
+    manifest = json.loads((exported / "pruning.json").read_text())
+    manifest["adapter"]["prefix"] = "roberta"  # name scopes will not match
+    p = StripHeadsPass(manifest)
+    p(ir.load(exported / "model.onnx"))
+    assert p.report.rewrites == 0 and any("not found by name scope" in r for r in p.report.skipped)
+    with pytest.raises(UserError, match="no model.onnx"):
+        optimize(tmp_path, tmp_path / "out")
+
+
+def test_graph_passes_need_no_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nclass B:\n    def find_spec(self, n, p=None, t=None):\n"
+        "        if n == 'torch' or n.startswith('torch.'): raise ImportError(n)\n"
+        "sys.meta_path.insert(0, B())\n"
+        "import graph_passes.optimize, graph_passes.strip_rows\nprint('ok')"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
