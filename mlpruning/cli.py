@@ -316,6 +316,47 @@ def optimize(
     typer.echo(json.dumps({"out": str(out), **report}, indent=2))
 
 
+def _int_list(values: list[str], flag: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for item in values for v in item.split(",") if v.strip())
+    except ValueError:
+        raise UserError(f"{flag} takes integers, e.g. {flag} 1,8 or {flag} 1 {flag} 8") from None
+
+
+@app.command()
+def bench(
+    model_dir: Annotated[Path, typer.Argument(help="Folder with model.onnx (export or optimize output).")],
+    baseline: Annotated[
+        Path | None, typer.Option("--baseline", help="Dense folder to compare against.")
+    ] = None,
+    batch: Annotated[
+        list[str] | None, typer.Option("--batch", help="Batch sizes: 1,8 or repeat the flag [default: 1,8].")
+    ] = None,
+    seq: Annotated[
+        list[str] | None,
+        typer.Option("--seq", help="Sequence lengths: 128,384 or repeat [default: 128,384]."),
+    ] = None,
+    threads: Annotated[int, typer.Option(min=1, help="ORT intra-op threads.")] = 1,
+    rounds: Annotated[int, typer.Option(min=1, help="Interleaved timing rounds.")] = 7,
+    iters: Annotated[int, typer.Option(min=1, help="Runs per model per round.")] = 10,
+    report: Annotated[Path | None, typer.Option("--report", help="Write the JSON report here.")] = None,
+) -> None:
+    """ONNX Runtime CPU latency (p50/p90/p99), and speedup vs --baseline from interleaved rounds."""
+    from deploy.bench import BenchConfig, dumps, format_table
+    from deploy.bench import bench as run_bench
+    from mlpruning.atomic import write_text
+
+    try:
+        batches, seqs = _int_list(batch or ["1,8"], "--batch"), _int_list(seq or ["128,384"], "--seq")
+        cfg = BenchConfig(batches, seqs, threads, 5, rounds, iters)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    result = run_bench(model_dir, baseline, cfg)
+    if report:
+        write_text(report, dumps(result) + "\n")
+    typer.echo(format_table(result))
+
+
 def main() -> None:
     """Console-script entry point: one-line errors, exit 2 for user errors."""
     try:
