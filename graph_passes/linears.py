@@ -10,7 +10,7 @@ adapter record (written by ``pipeline``), so this module needs neither torch nor
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import onnx_ir as ir
@@ -27,6 +27,20 @@ class LinearSite:
     matmul: ir.Node
     weight: ir.Value  # initializer, [in, out]
     bias: ir.Value | None  # initializer, [out]
+
+
+@dataclass
+class StripReport:
+    """What a strip pass changed: rewrites, parameters of the prunable linears, skip reasons."""
+
+    name: str
+    rewrites: int = 0
+    params_before: int = 0
+    params_after: int = 0
+    skipped: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return self.__dict__.copy()
 
 
 def _scope(prefix: str, layers: str, layer: int, path: str) -> str:

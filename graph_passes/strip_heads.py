@@ -14,25 +14,12 @@ wrong. A layer with no kept head is skipped with a reason (its "+ O bias" form i
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
-from graph_passes.linears import LinearSite, count_params, find_linears, replace_tensor
-
-
-@dataclass
-class StripReport:
-    name: str
-    rewrites: int = 0
-    params_before: int = 0
-    params_after: int = 0
-    skipped: list[str] = field(default_factory=list)
-
-    def to_json(self) -> dict[str, Any]:
-        return self.__dict__.copy()
+from graph_passes.linears import LinearSite, StripReport, count_params, find_linears, replace_tensor
 
 
 def _columns(heads: list[int], d: int) -> np.ndarray:

@@ -18,8 +18,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from graph_passes.linears import count_params, find_linears, replace_tensor
-from graph_passes.strip_heads import StripReport
+from graph_passes.linears import StripReport, count_params, find_linears, replace_tensor
 
 
 class StripRowsPass(ir.passes.InPlacePass):

@@ -37,6 +37,7 @@ from pipeline.adapters import geometry
 from pipeline.evaluate import read_metadata
 from pipeline.models import load_for_task, load_tokenizer, quiet_transformers
 from pipeline.pruning.checkpoint import MANIFEST_FILE, build_manifest, load_masked
+from pipeline.pruning.masks import unit_sizes
 from pipeline.tasks import get_task
 
 ONNX_FILE = "model.onnx"
@@ -70,13 +71,7 @@ def _load(ckpt: Path) -> tuple[Any, dict[str, Any]]:
 
 def _unit_sizes(model: Any) -> dict[str, int]:
     geo = geometry(model)
-    sizes = {
-        "heads": geo.num_heads,
-        "attn_out": geo.hidden,
-        "ffn_in": geo.intermediate,
-        "ffn_out": geo.hidden,
-    }
-    return {f"layer{i}_{u}": n for i in range(geo.num_layers) for u, n in sizes.items()}
+    return {f"layer{i}_{u}": n for i in range(geo.num_layers) for u, n in unit_sizes(geo).items()}
 
 
 def _probe_batch(tokenizer: Any, names: list[str]) -> dict[str, np.ndarray]:
@@ -144,9 +139,8 @@ def export_onnx(ckpt: Path, out: Path, opset: int = 17) -> dict[str, Any]:
         write_json(tmp / MANIFEST_FILE, manifest)
         model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        for extra in ("eval.json",):
-            if (ckpt / extra).is_file():
-                shutil.copy(ckpt / extra, tmp / f"source_{extra}")
+        if (ckpt / "eval.json").is_file():
+            shutil.copy(ckpt / "eval.json", tmp / "source_eval.json")
     write_json(out / EXPORT_FILE, report)
     return report
 
