@@ -316,6 +316,52 @@ def optimize(
     typer.echo(json.dumps({"out": str(out), **report}, indent=2))
 
 
+@app.command()
+def verify(
+    model_dir: Annotated[Path, typer.Argument(help="Optimized (or exported) folder with model.onnx.")],
+    reference: Annotated[
+        Path, typer.Option("--reference", help="The checkpoint it came from (prune/finetune).")
+    ],
+    task: TaskOpt = None,
+    stage: Annotated[
+        list[Path] | None, typer.Option("--stage", help="Earlier folders to check too (default: the export).")
+    ] = None,
+    atol: Annotated[float, typer.Option(help="Absolute tolerance.")] = 1e-4,
+    rtol: Annotated[float, typer.Option(help="Relative tolerance.")] = 1e-3,
+    data_dir: DataDirOpt = None,
+    report: Annotated[Path | None, typer.Option("--report", help="Write the JSON report here.")] = None,
+) -> None:
+    """Check ONNX outputs against PyTorch (per stage) and the dev-set metric; exit 1 on failure."""
+    from deploy.verify import Tolerance, dumps, summary_lines
+    from deploy.verify import verify as run_verify
+    from mlpruning.atomic import write_text
+
+    if not model_dir.is_dir():
+        raise UserError(f"model folder {model_dir} does not exist: check the path")
+    stages = list(stage or []) or _export_stage(model_dir)
+    try:
+        tol = Tolerance(atol, rtol)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    result = run_verify([*stages, model_dir], reference, task, data_dir, tol)
+    if report:
+        write_text(report, dumps(result) + "\n")
+    for line in summary_lines(result):
+        typer.echo(line)
+    typer.echo("PASSED" if result["passed"] else "FAILED")
+    if not result["passed"]:
+        raise typer.Exit(1)
+
+
+def _export_stage(model_dir: Path) -> list[Path]:
+    """The export folder an optimized folder came from, when it still exists."""
+    path = model_dir / "optimize.json"
+    if not path.is_file():
+        return []
+    source = Path(json.loads(path.read_text(encoding="utf-8")).get("source", ""))
+    return [source] if (source / "model.onnx").is_file() and source.resolve() != model_dir.resolve() else []
+
+
 def _int_list(values: list[str], flag: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for item in values for v in item.split(",") if v.strip())

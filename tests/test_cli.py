@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-COMMANDS = ("finetune", "eval", "tasks", "prune", "inspect", "export", "optimize", "bench")
+COMMANDS = ("finetune", "eval", "tasks", "prune", "inspect", "export", "optimize", "bench", "verify")
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:

@@ -1,0 +1,161 @@
+"""Verify ONNX artifacts against the PyTorch reference: element-wise parity and the task metric.
+
+Parity, stage by stage (the export, then the optimized model, so a regression points at one
+pass): fixed-seed batches of real dev examples of mixed lengths, right-padded, run through ONNX
+Runtime (CPU) and the masked PyTorch model. Polygraphy's rule: an element fails only where it
+exceeds *both* tolerances, |a - b| > atol and |a - b| > rtol * |b|. Reported: max, mean and p99
+absolute difference, max relative difference, and the atol that would have passed at the given
+rtol. Outputs are per-sequence logits, so no padded position is compared.
+
+Task metric: the whole dev set through ONNX and PyTorch; in fp32 the predictions must agree
+exactly, and the metric is reported for both. The whole check fails (exit 1) if any stage or the
+metric check fails. PyTorch is needed for the reference side only.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mlpruning.errors import UserError
+
+ONNX_FILE = "model.onnx"
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    atol: float = 1e-4
+    rtol: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.atol < 0 or self.rtol < 0:
+            raise ValueError(f"tolerances must be >= 0, got atol={self.atol} rtol={self.rtol}")
+
+
+def compare(got: np.ndarray, want: np.ndarray, tol: Tolerance) -> dict[str, Any]:
+    diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
+    rel = diff / np.maximum(np.abs(want), 1e-12)
+    failing = (diff > tol.atol) & (diff > tol.rtol * np.abs(want))
+    # smallest atol that passes every element at this rtol
+    needed_atol = float(np.max(np.where(diff > tol.rtol * np.abs(want), diff, 0.0)))
+    # smallest rtol that passes every element at this atol
+    needed_rtol = float(np.max(np.where(diff > tol.atol, rel, 0.0)))
+    return {
+        "max_abs": float(diff.max()),
+        "mean_abs": float(diff.mean()),
+        "p99_abs": float(np.percentile(diff, 99)),
+        "max_rel": float(rel.max()),
+        "failing_elements": int(failing.sum()),
+        "elements": int(diff.size),
+        "atol_that_passes": needed_atol,
+        "rtol_that_passes": needed_rtol,
+        "passed": not bool(failing.any()),
+    }
+
+
+def _session(folder: Path) -> Any:
+    import onnxruntime as ort
+
+    if not (folder / ONNX_FILE).is_file():
+        raise UserError(f"{folder} has no {ONNX_FILE}: pass a folder written by export or optimize")
+    return ort.InferenceSession(str(folder / ONNX_FILE), providers=["CPUExecutionProvider"])
+
+
+def _onnx_logits(session: Any, batch: dict[str, Any]) -> np.ndarray:
+    names = [i.name for i in session.get_inputs()]
+    return session.run(None, {k: batch[k].numpy() for k in names})[0]
+
+
+def _parity_batches(n_examples: int, batch_size: int, seed: int) -> list[np.ndarray]:
+    """Random (not length-sorted) batches, so every batch mixes lengths and carries padding."""
+    order = np.random.default_rng(seed).permutation(n_examples)[: 4 * batch_size]
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def verify(
+    stages: list[Path],
+    reference: Path,
+    task_name: str | None,
+    data_dir: Path | None,
+    tol: Tolerance,
+    seed: int = 0,
+) -> dict[str, Any]:
+    import torch
+
+    from pipeline.batching import collate, encode
+    from pipeline.evaluate import predict, task_for_checkpoint
+    from pipeline.metrics import compute_metrics
+    from pipeline.models import load_for_task, load_tokenizer
+    from pipeline.pruning.checkpoint import MANIFEST_FILE, load_masked
+    from pipeline.tasks import load_split
+
+    task = task_for_checkpoint(reference, task_name)
+    model = (
+        load_masked(reference)[0]
+        if (reference / MANIFEST_FILE).is_file()
+        else load_for_task(str(reference), task)
+    )
+    model.eval()
+    encoded = encode(load_tokenizer(str(reference)), load_split(task, "dev", data_dir), 128)
+    sessions = {str(s): _session(s) for s in stages}
+    results = []
+    for stage, session in sessions.items():
+        got, want = [], []
+        for idx in _parity_batches(len(encoded), 16, seed):
+            batch = collate(encoded, idx)
+            with torch.no_grad():
+                want.append(model(**batch).logits.numpy())
+            got.append(_onnx_logits(session, batch))
+        results.append({"stage": stage, **compare(np.concatenate(got), np.concatenate(want), tol)})
+    final = sessions[str(stages[-1])]
+    torch_out = predict(model, encoded)
+    onnx_out = np.concatenate(
+        [
+            _onnx_logits(final, collate(encoded, np.arange(i, min(i + 64, len(encoded)))))
+            for i in range(0, len(encoded), 64)
+        ]
+    )
+    agree = int((torch_out.argmax(-1) == onnx_out.argmax(-1)).sum()) if not task.is_regression else None
+    metric = {
+        "task": task.name,
+        "examples": len(encoded),
+        "pytorch": compute_metrics(task, torch_out, encoded.labels),
+        "onnx": compute_metrics(task, onnx_out, encoded.labels),
+        "identical_predictions": agree,
+    }
+    metric["passed"] = (
+        agree == len(encoded) if agree is not None else compare(onnx_out, torch_out, tol)["passed"]
+    )
+    passed = all(r["passed"] for r in results) and metric["passed"]
+    return {
+        "reference": str(reference),
+        "tolerance": tol.__dict__,
+        "stages": results,
+        "metric": metric,
+        "passed": passed,
+    }
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    lines = []
+    for r in report["stages"]:
+        state = "ok  " if r["passed"] else "FAIL"
+        lines.append(
+            f"{state} {r['stage']}: max abs {r['max_abs']:.2e}, p99 {r['p99_abs']:.2e}, "
+            f"max rel {r['max_rel']:.2e}; passes with atol {r['atol_that_passes']:.1e} "
+            f"or rtol {r['rtol_that_passes']:.1e}"
+        )
+    m = report["metric"]
+    lines.append(
+        f"{'ok  ' if m['passed'] else 'FAIL'} {m['task']} dev ({m['examples']}): pytorch {m['pytorch']} "
+        f"onnx {m['onnx']} identical predictions {m['identical_predictions']}"
+    )
+    return lines
+
+
+def dumps(report: dict[str, Any]) -> str:
+    return json.dumps(report, indent=2)
