@@ -155,6 +155,14 @@ def test_target_range(teacher, target, ok):
             _cfg(teacher, target)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def test_ddp_two_processes_gloo(teacher, tmp_path):
     """torchrun --nproc_per_node 2 on CPU (gloo): the run completes and both ranks stay in sync."""
     path, glue = teacher
@@ -166,7 +174,7 @@ def test_ddp_two_processes_gloo(teacher, tmp_path):
         "--nproc_per_node",
         "2",
         "--master_port",
-        "29533",
+        str(_free_port()),
         "-m",
         "mlpruning.cli",
         "prune",
