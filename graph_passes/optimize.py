@@ -15,6 +15,7 @@ from typing import Any
 
 import onnx
 import onnx_ir as ir
+import onnx_ir.passes.common
 
 from graph_passes.strip_heads import StripHeadsPass
 from graph_passes.strip_rows import StripRowsPass
@@ -60,6 +61,7 @@ def optimize(folder: Path, out: Path) -> dict[str, Any]:
     passes = [StripHeadsPass(manifest), StripRowsPass(manifest)]
     for p in passes:
         p(model)
+        ir.passes.common.RemoveUnusedNodesPass()(model)  # Identity nodes a rewrite bypassed
         _check(model, p.report.name)
     report = {"source": str(folder), "passes": [p.report.to_json() for p in passes]}
     with staging_dir(out) as tmp:

@@ -19,7 +19,13 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from graph_passes.linears import LinearSite, StripReport, count_params, find_linears, replace_tensor
+from graph_passes.linears import (
+    LinearSite,
+    StripReport,
+    clear_intermediate_shapes,
+    count_params,
+    find_linears,
+)
 
 
 def _columns(heads: list[int], d: int) -> np.ndarray:
@@ -27,9 +33,9 @@ def _columns(heads: list[int], d: int) -> np.ndarray:
 
 
 def _slice_out(site: LinearSite, cols: np.ndarray) -> None:
-    replace_tensor(site.weight, site.weight.const_value.numpy()[:, cols].copy())
+    site.set_weight(site.weight.const_value.numpy()[:, cols].copy())
     if site.bias is not None:
-        replace_tensor(site.bias, site.bias.const_value.numpy()[cols].copy())
+        site.set_bias(site.bias.const_value.numpy()[cols].copy())
 
 
 class StripHeadsPass(ir.passes.InPlacePass):
@@ -59,7 +65,9 @@ class StripHeadsPass(ir.passes.InPlacePass):
             for site in needed[:3]:
                 _slice_out(site, cols)
             o = needed[3]
-            replace_tensor(o.weight, o.weight.const_value.numpy()[cols, :].copy())
+            o.set_weight(o.weight.const_value.numpy()[cols, :].copy())
             self.report.rewrites += 1
         self.report.params_after = count_params(sites)
+        if self.report.rewrites:
+            clear_intermediate_shapes(model)
         return ir.passes.PassResult(model, modified=self.report.rewrites > 0)

@@ -18,7 +18,12 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from graph_passes.linears import StripReport, count_params, find_linears, replace_tensor
+from graph_passes.linears import (
+    StripReport,
+    clear_intermediate_shapes,
+    count_params,
+    find_linears,
+)
 
 
 class StripRowsPass(ir.passes.InPlacePass):
@@ -44,11 +49,13 @@ class StripRowsPass(ir.passes.InPlacePass):
             if ffn_in is None or ffn_out is None:
                 self.report.skipped.append(f"layer {layer}: FFN linears not found by name scope")
                 continue
-            replace_tensor(ffn_in.weight, ffn_in.weight.const_value.numpy()[:, rows].copy())
+            ffn_in.set_weight(ffn_in.weight.const_value.numpy()[:, rows].copy())
             if ffn_in.bias is not None:
-                replace_tensor(ffn_in.bias, ffn_in.bias.const_value.numpy()[rows].copy())
-            replace_tensor(ffn_out.weight, ffn_out.weight.const_value.numpy()[rows, :].copy())
+                ffn_in.set_bias(ffn_in.bias.const_value.numpy()[rows].copy())
+            ffn_out.set_weight(ffn_out.weight.const_value.numpy()[rows, :].copy())
             self.report.rewrites += 1
         self.report.skipped.append("O and FFN-out output rows kept dense (scatter-back not implemented)")
         self.report.params_after = count_params(sites)
+        if self.report.rewrites:
+            clear_intermediate_shapes(model)
         return ir.passes.PassResult(model, modified=self.report.rewrites > 0)

@@ -97,3 +97,35 @@ def test_graph_passes_need_no_torch():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+def test_shared_initializers_behind_identity_are_copied_not_resized(masked, tmp_path):
+    """Identical tensors (here all-zero biases) are exported as one initializer behind Identity
+    nodes; slicing it for one layer must not resize it for the others."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = masked / "masked"
+    ckpt = tmp_path / "zero-bias"
+    shutil.copytree(src, ckpt)
+    weights = load_file(ckpt / "model.safetensors")
+    for key in weights:
+        if key.endswith(("query.bias", "key.bias", "value.bias", "intermediate.dense.bias")):
+            weights[key] = torch.zeros_like(weights[key])
+    save_file(weights, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+    export_onnx(ckpt, tmp_path / "onnx")
+    assert any(n.op_type == "Identity" for n in onnx.load(tmp_path / "onnx" / "model.onnx").graph.node)
+    optimize(tmp_path / "onnx", tmp_path / "opt")
+    session = ort.InferenceSession(str(tmp_path / "opt" / "model.onnx"), providers=["CPUExecutionProvider"])
+    model, _, _ = load_masked(ckpt)
+    ids = torch.randint(1000, 9000, (3, 19), generator=torch.Generator().manual_seed(2))
+    inputs = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "token_type_ids": torch.zeros_like(ids),
+    }
+    with torch.no_grad():
+        want = model(**inputs).logits.numpy()
+    got = session.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
+    assert np.abs(got - want).max() <= 1e-4
