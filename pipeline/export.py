@@ -21,7 +21,6 @@ opset, input/output names, parity at export, versions).
 from __future__ import annotations
 
 import inspect
-import json
 import shutil
 import warnings
 from pathlib import Path
@@ -37,7 +36,7 @@ from pipeline.adapters import geometry
 from pipeline.evaluate import read_metadata
 from pipeline.models import load_for_task, load_tokenizer, quiet_transformers
 from pipeline.pruning.checkpoint import MANIFEST_FILE, build_manifest, load_masked
-from pipeline.pruning.masks import unit_sizes
+from pipeline.pruning.masks import mask_sizes
 from pipeline.tasks import get_task
 
 ONNX_FILE = "model.onnx"
@@ -65,13 +64,8 @@ def _load(ckpt: Path) -> tuple[Any, dict[str, Any]]:
     if task is None:
         raise UserError(f"{ckpt} is neither a masked checkpoint nor a fine-tuned one (no task recorded)")
     model = load_for_task(str(ckpt), get_task(task))
-    dense = {k: torch.ones(n, dtype=torch.bool) for k, n in _unit_sizes(model).items()}
+    dense = {k: torch.ones(n, dtype=torch.bool) for k, n in mask_sizes(geometry(model)).items()}
     return model, {**build_manifest(model, dense, {"task": task}), "kind": "dense"}
-
-
-def _unit_sizes(model: Any) -> dict[str, int]:
-    geo = geometry(model)
-    return {f"layer{i}_{u}": n for i in range(geo.num_layers) for u, n in unit_sizes(geo).items()}
 
 
 def _probe_batch(tokenizer: Any, names: list[str]) -> dict[str, np.ndarray]:
@@ -143,10 +137,3 @@ def export_onnx(ckpt: Path, out: Path, opset: int = 17) -> dict[str, Any]:
             shutil.copy(ckpt / "eval.json", tmp / "source_eval.json")
     write_json(out / EXPORT_FILE, report)
     return report
-
-
-def read_export(folder: Path) -> dict[str, Any]:
-    path = folder / EXPORT_FILE
-    if not path.is_file():
-        raise UserError(f"{folder} has no {EXPORT_FILE}: pass the output of mlpruning export")
-    return json.loads(path.read_text(encoding="utf-8"))

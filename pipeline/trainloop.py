@@ -56,14 +56,14 @@ class LoopState:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def check_out_dir(out: Path, resume: bool, overwrite: bool, done_file: str = EVAL_FILE) -> None:
+def check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
     """Refuse to clobber a finished run or silently restart an interrupted one."""
-    finished = (out / done_file).is_file()
+    finished = (out / EVAL_FILE).is_file()
     pending = (out / RESUME_FILE).is_file()
     if overwrite:
         if is_main():
             shutil.rmtree(out / RESUME_FILE.parent, ignore_errors=True)
-            (out / done_file).unlink(missing_ok=True)
+            (out / EVAL_FILE).unlink(missing_ok=True)
         return
     if resume and not pending:
         raise UserError(f"{out} has no interrupted run to resume: drop --resume")
@@ -137,6 +137,15 @@ def check_ranks_in_sync(modules: dict[str, torch.nn.Module], device: torch.devic
         raise RuntimeError(f"DDP ranks diverged: parameter sums {[float(g) for g in gathered]}")
 
 
+def wrap_ddp(module: torch.nn.Module) -> torch.nn.Module:
+    """DDP-wrap under torchrun (gradients averaged across ranks); the module itself otherwise."""
+    if world()[1] > 1:
+        device = next(module.parameters()).device
+        ids = [device.index] if device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
+    return module
+
+
 def linear_schedule(total: int, warmup: int) -> Any:
     def factor(step: int) -> float:
         if step < warmup:
@@ -161,6 +170,23 @@ class TrainLoop:
         self.steps_per_epoch = math.ceil(len(self.train) / self.cfg.batch_size)
         self.total_steps = math.ceil(epochs * self.steps_per_epoch)
         self.state = LoopState()
+
+    def setup_optimizer(self, groups: list[dict[str, Any]]) -> None:
+        """AdamW over ``groups`` with linear warm-up over ``cfg.warmup_ratio``, then linear decay."""
+        # The fused CPU kernel makes the step ~5x cheaper than the for-each one (MiniLM, 2 cores).
+        self.optimizer = torch.optim.AdamW(groups, lr=self.cfg.learning_rate, fused=True)
+        warmup = int(self.cfg.warmup_ratio * self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, linear_schedule(self.total_steps, warmup)
+        )
+
+    def step_optimizer(self) -> None:
+        """Clip, step, advance the schedule and clear the gradients of every stateful module."""
+        params = [p for m in self.stateful().values() for p in m.parameters()]
+        torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
     # hooks ---------------------------------------------------------------------------------
     def stateful(self) -> dict[str, torch.nn.Module]:

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from mlpruning import __version__
 from mlpruning.errors import UserError
 from pipeline.adapters import Geometry, adapter_for, geometry, layer_linears
-from pipeline.pruning.masks import UNITS, WIRING
+from pipeline.pruning.masks import UNITS, WIRING, mask_sizes
 from pipeline.pruning.regularizer import counted_ratio, layer_weights
 
 MASKS_FILE = "masks.safetensors"
@@ -191,8 +191,7 @@ def load_masked(ckpt: Path) -> tuple[Any, dict[str, torch.Tensor], dict[str, Any
     manifest = read_manifest(ckpt)
     masks = read_masks(ckpt)
     model = load_for_task(str(ckpt), get_task(manifest["task"]))
-    expected = {f"layer{i}_{u}" for i in range(geometry(model).num_layers) for u in UNITS}
-    if set(masks) != expected:
+    if set(masks) != set(mask_sizes(geometry(model))):
         raise UserError(f"{ckpt / MASKS_FILE} does not match the model's {geometry(model).num_layers} layers")
     check_masks_match(model, masks)
     return model, masks, manifest

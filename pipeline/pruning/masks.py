@@ -36,27 +36,22 @@ def unit_sizes(geo: Geometry) -> dict[str, int]:
     return {"heads": geo.num_heads, "attn_out": geo.hidden, "ffn_in": geo.intermediate, "ffn_out": geo.hidden}
 
 
+def mask_sizes(geo: Geometry) -> dict[str, int]:
+    """Every mask of the model, keyed ``layer{i}_{unit}``, with its length."""
+    return {_key(layer, u): n for layer in range(geo.num_layers) for u, n in unit_sizes(geo).items()}
+
+
 class MaskScores(nn.Module):
     """Scores and thresholds of every mask unit in every layer (the only new parameters)."""
 
     def __init__(self, geo: Geometry, threshold_init: float = 10.0, score_init: float = 1.0) -> None:
         super().__init__()
         self.geo = geo
-        sizes = unit_sizes(geo)
+        sizes = mask_sizes(geo)
         self.scores = nn.ParameterDict(
-            {
-                _key(layer, u): nn.Parameter(torch.full((sizes[u],), score_init))
-                for layer in range(geo.num_layers)
-                for u in UNITS
-            }
+            {k: nn.Parameter(torch.full((n,), score_init)) for k, n in sizes.items()}
         )
-        self.thresholds = nn.ParameterDict(
-            {
-                _key(layer, u): nn.Parameter(torch.tensor(threshold_init))
-                for layer in range(geo.num_layers)
-                for u in UNITS
-            }
-        )
+        self.thresholds = nn.ParameterDict({k: nn.Parameter(torch.tensor(threshold_init)) for k in sizes})
         self.fixed: dict[str, torch.Tensor] = {}
 
     def mask(self, layer: int, unit: str) -> torch.Tensor:

@@ -30,7 +30,7 @@ from pipeline.adapters import geometry, layer_linears
 from pipeline.batching import collate
 from pipeline.config import PruneConfig
 from pipeline.evaluate import METADATA_FILE, EvalResult, evaluate_encoded, read_metadata
-from pipeline.finetune import labels_tensor, load_task_data, param_groups, versions, wrap_ddp
+from pipeline.finetune import labels_tensor, load_task_data, param_groups, versions
 from pipeline.models import load_for_task, load_tokenizer, quiet_transformers, resolve_model
 from pipeline.progress import TrainProgress
 from pipeline.pruning.checkpoint import MANIFEST_FILE, MASKS_FILE, build_manifest, save_masks
@@ -39,7 +39,7 @@ from pipeline.pruning.masks import MaskScores, attach, detach_masks
 from pipeline.pruning.regularizer import RegTerm, adaptive_regularizer, counted_ratio, remaining_ratio
 from pipeline.pruning.summary import write_summary
 from pipeline.tasks import get_task
-from pipeline.trainloop import EVAL_FILE, TrainLoop, linear_schedule, resolve_device
+from pipeline.trainloop import EVAL_FILE, TrainLoop, resolve_device, wrap_ddp
 
 
 class PrunableModel(nn.Module):
@@ -109,11 +109,7 @@ class Pruner(TrainLoop):
         # and with beta1 = 0.9 Adam would carry every threshold ~10 steps past the target.
         thresholds = list(self.scores.thresholds.parameters())
         groups.append({"params": thresholds, "weight_decay": 0.0, "lr": mask_lr, "betas": (0.0, 0.999)})
-        self.optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=True)
-        warmup = int(cfg.warmup_ratio * self.total_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, linear_schedule(self.total_steps, warmup)
-        )
+        self.setup_optimizer(groups)
         self.ddp_model = wrap_ddp(self.model)
         self.last_reg: RegTerm | None = None
 
@@ -140,10 +136,7 @@ class Pruner(TrainLoop):
         dl = distill_loss(s_out, t_out, s_out.loss, batch["attention_mask"], self.weights)
         reg = self.regularizer()
         (dl.total + reg.penalty).backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.step_optimizer()
         self.last_reg = reg
         parts = " ".join(f"{k} {v:.3f}" for k, v in dl.parts.items())
         extra = f"[{parts}]  r {reg.ratio:.3f}/{self.cfg.target:g}  λ {reg.lam:,.0f}"
