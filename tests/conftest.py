@@ -107,3 +107,18 @@ def masked(tmp_path_factory):
     )
     Pruner(cfg, root / "masked").run()
     return root
+
+
+@pytest.fixture(scope="session")
+def stripped(masked, tmp_path_factory):
+    """The tiny masked model exported (``onnx/``) and optimized (``opt/``), once per session.
+
+    Read-only for the tests: a test that alters a model copies it first.
+    """
+    from graph_passes.optimize import optimize
+    from pipeline.export import export_onnx
+
+    root = tmp_path_factory.mktemp("stripped")
+    export_onnx(masked / "masked", root / "onnx")
+    optimize(root / "onnx", root / "opt")
+    return root

@@ -7,23 +7,13 @@ import json
 import pytest
 
 from deploy.bench import BenchConfig, bench, format_table
-from graph_passes.optimize import optimize
 from mlpruning.errors import UserError
-from pipeline.export import export_onnx
 from tests.test_cli import assert_one_line_error, run_cli
 
 
-@pytest.fixture(scope="module")
-def folders(masked, tmp_path_factory):
-    root = tmp_path_factory.mktemp("bench")
-    export_onnx(masked / "masked", root / "dense")
-    optimize(root / "dense", root / "opt")
-    return root
-
-
-def test_report_has_every_point_with_percentiles_and_ratios(folders):
+def test_report_has_every_point_with_percentiles_and_ratios(stripped):
     cfg = BenchConfig(batches=(1, 2), seqs=(16, 32), warmup=1, rounds=3, iters=2)
-    report = bench(folders / "opt", folders / "dense", cfg)
+    report = bench(stripped / "opt", stripped / "onnx", cfg)
     assert [(p["batch"], p["seq"]) for p in report["points"]] == [(1, 16), (1, 32), (2, 16), (2, 32)]
     for p in report["points"]:
         for side in ("model", "baseline"):
@@ -36,21 +26,21 @@ def test_report_has_every_point_with_percentiles_and_ratios(folders):
     assert "speedup" in format_table(report)
 
 
-def test_without_baseline_there_is_no_ratio(folders):
-    report = bench(folders / "opt", None, BenchConfig(batches=(1,), seqs=(8,), warmup=1, rounds=2, iters=1))
+def test_without_baseline_there_is_no_ratio(stripped):
+    report = bench(stripped / "opt", None, BenchConfig(batches=(1,), seqs=(8,), warmup=1, rounds=2, iters=1))
     assert "speedup_median" not in report["points"][0] and "baseline" not in report["points"][0]
 
 
-def test_bad_bench_input(folders, tmp_path):
+def test_bad_bench_input(stripped, tmp_path):
     with pytest.raises(UserError, match="has no model.onnx"):
         bench(tmp_path, None, BenchConfig())
     with pytest.raises(ValueError, match="batch sizes must be >= 1"):
         BenchConfig(batches=(0,))
-    assert_one_line_error(run_cli("bench", str(folders / "opt"), "--batch", "x"), "--batch takes integers")
+    assert_one_line_error(run_cli("bench", str(stripped / "opt"), "--batch", "x"), "--batch takes integers")
     out = tmp_path / "b.json"
     proc = run_cli(
         "bench",
-        str(folders / "opt"),
+        str(stripped / "opt"),
         "--batch",
         "1",
         "--seq",

@@ -19,16 +19,9 @@ from pipeline.export import export_onnx
 from pipeline.pruning.checkpoint import load_masked
 
 
-@pytest.fixture(scope="module")
-def exported(masked, tmp_path_factory):
-    out = tmp_path_factory.mktemp("strip") / "onnx"
-    export_onnx(masked / "masked", out)
-    return out
-
-
-def test_structure_and_counts(masked, exported, tmp_path):
-    report = optimize(exported, tmp_path / "opt")
-    manifest = json.loads((exported / "pruning.json").read_text())
+def test_structure_and_counts(masked, stripped, tmp_path):
+    report = optimize(stripped / "onnx", tmp_path / "opt")
+    manifest = json.loads((stripped / "onnx" / "pruning.json").read_text())
     heads, rows = report["passes"]
     pruned_head_layers = sum(1 for layer in manifest["layers"] if layer["num_heads_kept"] < 8)
     pruned_row_layers = sum(1 for layer in manifest["layers"] if layer["ffn_rows_kept"] < 256)
@@ -50,8 +43,8 @@ def test_structure_and_counts(masked, exported, tmp_path):
     assert json.loads((tmp_path / "opt" / "optimize.json").read_text()) == report
 
 
-def test_stripped_model_equals_masked_pytorch(masked, exported, tmp_path):
-    optimize(exported, tmp_path / "opt")
+def test_stripped_model_equals_masked_pytorch(masked, stripped, tmp_path):
+    optimize(stripped / "onnx", tmp_path / "opt")
     session = ort.InferenceSession(str(tmp_path / "opt" / "model.onnx"), providers=["CPUExecutionProvider"])
     model, _, _ = load_masked(masked / "masked")
     gen = torch.Generator().manual_seed(1)
@@ -66,20 +59,20 @@ def test_stripped_model_equals_masked_pytorch(masked, exported, tmp_path):
         assert np.abs(got - want).max() <= 1e-4
 
 
-def test_dense_manifest_changes_nothing(exported, tmp_path):
-    manifest = json.loads((exported / "pruning.json").read_text())
+def test_dense_manifest_changes_nothing(stripped, tmp_path):
+    manifest = json.loads((stripped / "onnx" / "pruning.json").read_text())
     for layer in manifest["layers"]:
         layer["heads_kept"] = list(range(8))
-    model = ir.load(exported / "model.onnx")
+    model = ir.load(stripped / "onnx" / "model.onnx")
     result = StripHeadsPass(manifest)(model)
     assert not result.modified
 
 
-def test_missing_pieces_are_reported(exported, tmp_path):
-    manifest = json.loads((exported / "pruning.json").read_text())
+def test_missing_pieces_are_reported(stripped, tmp_path):
+    manifest = json.loads((stripped / "onnx" / "pruning.json").read_text())
     manifest["adapter"]["prefix"] = "roberta"  # name scopes will not match
     p = StripHeadsPass(manifest)
-    p(ir.load(exported / "model.onnx"))
+    p(ir.load(stripped / "onnx" / "model.onnx"))
     assert p.report.rewrites == 0 and any("not found by name scope" in r for r in p.report.skipped)
     with pytest.raises(UserError, match="no model.onnx"):
         optimize(tmp_path, tmp_path / "out")

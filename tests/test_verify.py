@@ -11,16 +11,7 @@ import pytest
 from deploy.verify import Tolerance, compare, verify
 from graph_passes.linears import find_linears, replace_tensor
 from graph_passes.optimize import optimize
-from pipeline.export import export_onnx
 from tests.test_cli import run_cli
-
-
-@pytest.fixture(scope="module")
-def artifacts(masked, tmp_path_factory):
-    root = tmp_path_factory.mktemp("verify")
-    export_onnx(masked / "masked", root / "onnx")
-    optimize(root / "onnx", root / "opt")
-    return root
 
 
 def test_compare_follows_polygraphy_rule():
@@ -34,35 +25,35 @@ def test_compare_follows_polygraphy_rule():
     assert bad["atol_that_passes"] == pytest.approx(0.01) and bad["rtol_that_passes"] == pytest.approx(0.01)
 
 
-def test_faithful_artifacts_pass(masked, artifacts):
+def test_faithful_artifacts_pass(masked, stripped, tmp_path):
     glue = masked / "glue"
     proc = run_cli(
         "verify",
-        str(artifacts / "opt"),
+        str(stripped / "opt"),
         "--reference",
         str(masked / "masked"),
         "--data-dir",
         str(glue),
         "--report",
-        str(artifacts / "v.json"),
+        str(tmp_path / "v.json"),
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "PASSED"
-    report = json.loads((artifacts / "v.json").read_text())
-    assert [r["stage"] for r in report["stages"]] == [str(artifacts / "onnx"), str(artifacts / "opt")]
+    report = json.loads((tmp_path / "v.json").read_text())
+    assert [r["stage"] for r in report["stages"]] == [str(stripped / "onnx"), str(stripped / "opt")]
     assert report["metric"]["identical_predictions"] == report["metric"]["examples"] == 32
     assert report["metric"]["pytorch"] == report["metric"]["onnx"]
 
 
-def test_broken_pass_fails_and_points_at_its_stage(masked, artifacts, tmp_path):
+def test_broken_pass_fails_and_points_at_its_stage(masked, stripped, tmp_path):
     broken = tmp_path / "broken"
-    optimize(artifacts / "onnx", broken)
+    optimize(stripped / "onnx", broken)
     model = ir.load(broken / "model.onnx")
     manifest = json.loads((broken / "pruning.json").read_text())
     site = find_linears(model, manifest)[(1, "ffn_out")]
     replace_tensor(site.weight, site.weight.const_value.numpy() * 1.5)  # a pass that got a weight wrong
     ir.save(model, broken / "model.onnx")
-    report = verify([artifacts / "onnx", broken], masked / "masked", None, masked / "glue", Tolerance())
+    report = verify([stripped / "onnx", broken], masked / "masked", None, masked / "glue", Tolerance())
     assert not report["passed"]
     assert [r["passed"] for r in report["stages"]] == [True, False]
     proc = run_cli(
@@ -73,6 +64,6 @@ def test_broken_pass_fails_and_points_at_its_stage(masked, artifacts, tmp_path):
         "--data-dir",
         str(masked / "glue"),
         "--stage",
-        str(artifacts / "onnx"),
+        str(stripped / "onnx"),
     )
     assert proc.returncode == 1 and proc.stdout.strip().splitlines()[-1] == "FAILED"
