@@ -15,57 +15,24 @@ from typing import Annotated
 
 import typer
 
-from mlpruning import __version__
-from mlpruning.errors import UserError
-
-app = typer.Typer(
-    name="mlpruning",
-    help="Multi-level structured pruning (heads, rows, blocks) for BERT-class encoders.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
+from mlpruning.cli_common import (
+    DataDirOpt,
+    DeviceOpt,
+    EpochsOpt,
+    OverwriteOpt,
+    QuietOpt,
+    ResumeOpt,
+    SaveEveryOpt,
+    SeedOpt,
+    SubsetOpt,
+    TaskOpt,
+    ThreadsOpt,
+    app,
+    echo_err,
+    set_threads,
+    stderr_console,
 )
-
-TaskOpt = Annotated[str | None, typer.Option("--task", help="GLUE task: sst2, mrpc, rte, stsb, mnli.")]
-DataDirOpt = Annotated[
-    Path | None,
-    typer.Option("--data-dir", help="Your own GLUE folder (SST-2/train.tsv ...); default: embedded copy."),
-]
-ThreadsOpt = Annotated[int | None, typer.Option("--threads", min=1, help="torch intra-op threads.")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA if present), cpu, cuda or cuda:N.")]
-EpochsOpt = Annotated[float | None, typer.Option(help="Epochs (fractions allowed).")]
-SeedOpt = Annotated[int | None, typer.Option(help="Random seed.")]
-SaveEveryOpt = Annotated[int | None, typer.Option(help="Steps between resume checkpoints.")]
-SubsetOpt = Annotated[int | None, typer.Option(help="Train on a random subset of this size.")]
-ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --out.")]
-OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace what --out holds.")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")]
-
-
-def _echo_err(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-
-
-def _set_threads(threads: int | None) -> None:
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-
-
-def _console():
-    from rich.console import Console
-
-    return Console(stderr=True)
-
-
-@app.callback(invoke_without_command=True)
-def _root(
-    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
-) -> None:
-    if version:
-        typer.echo(f"mlpruning {__version__}")
-        raise typer.Exit()
+from mlpruning.errors import UserError
 
 
 @app.command()
@@ -136,16 +103,16 @@ def finetune(
     from pipeline.progress import TrainProgress
     from pipeline.trainloop import Interrupted, check_out_dir
 
-    _set_threads(threads)
+    set_threads(threads)
     check_out_dir(out, resume, overwrite)
-    console = _console()
+    console = stderr_console()
     runner = Finetuner(cfg, out, TrainProgress(enabled=not quiet, console=console), device=device)
     if not quiet:
         console.print(f"fine-tuning {cfg.model} on {cfg.task}: {runner.total_steps} steps -> {out}")
     try:
         result = runner.run(resume=resume)
     except Interrupted as exc:
-        _echo_err(f"interrupted at step {exc.step}/{exc.total}: state saved in {out}; continue with --resume")
+        echo_err(f"interrupted at step {exc.step}/{exc.total}: state saved in {out}; continue with --resume")
         raise typer.Exit(130) from None
     typer.echo(json.dumps({"out": str(out), **result.to_json()}, indent=2))
 
@@ -162,7 +129,7 @@ def eval_(
     from mlpruning.atomic import write_json
     from pipeline.evaluate import evaluate_checkpoint
 
-    _set_threads(threads)
+    set_threads(threads)
     result = evaluate_checkpoint(model_dir, task, data_dir)
     payload = {"model": str(model_dir), **result.to_json()}
     if report:
@@ -238,14 +205,14 @@ def prune(
     if not Path(cfg.teacher).is_dir():
         raise UserError(f"teacher folder {cfg.teacher} does not exist: pass the output of mlpruning finetune")
     main_rank = _init_distributed()
-    _set_threads(threads)
+    set_threads(threads)
     from pipeline.progress import TrainProgress
     from pipeline.pruning.pruner import Pruner
     from pipeline.pruning.summary import format_table, structure
     from pipeline.trainloop import Interrupted, check_out_dir
 
     check_out_dir(out, resume, overwrite)
-    console = _console()
+    console = stderr_console()
     runner = Pruner(cfg, out, TrainProgress(enabled=main_rank and not quiet, console=console), device=device)
     if main_rank and not quiet:
         student = cfg.student or cfg.teacher
@@ -255,7 +222,7 @@ def prune(
         result = runner.run(resume=resume)
     except Interrupted as exc:
         if main_rank:
-            _echo_err(
+            echo_err(
                 f"interrupted at step {exc.step}/{exc.total}: state saved in {out}; continue with --resume"
             )
         raise typer.Exit(130) from None
@@ -285,122 +252,8 @@ def inspect(
     typer.echo("masks and weights agree")
 
 
-@app.command()
-def export(
-    ckpt: Annotated[Path, typer.Argument(help="Masked (prune) or fine-tuned (finetune) checkpoint folder.")],
-    out: Annotated[Path, typer.Option("--out", help="Output folder for model.onnx and its manifest.")],
-    opset: Annotated[int, typer.Option(help="ONNX opset.", min=14)] = 17,
-) -> None:
-    """Export a checkpoint to ONNX (full size, zeros in place) with its pruning manifest."""
-    from pipeline.export import ExportMismatch, export_onnx
-
-    try:
-        report = export_onnx(ckpt, out, opset)
-    except ExportMismatch as exc:
-        _echo_err(str(exc))
-        raise typer.Exit(1) from None
-    typer.echo(json.dumps({"out": str(out), **report}, indent=2))
-
-
-@app.command()
-def optimize(
-    model_dir: Annotated[Path, typer.Argument(help="Folder written by mlpruning export.")],
-    out: Annotated[Path, typer.Option("--out", help="Output folder for the stripped model.")],
-) -> None:
-    """Physically strip pruned heads and FFN rows from an exported model (torch-free passes)."""
-    from graph_passes.optimize import optimize as run_passes
-
-    if not model_dir.is_dir():
-        raise UserError(f"model folder {model_dir} does not exist: check the path")
-    report = run_passes(model_dir, out)
-    typer.echo(json.dumps({"out": str(out), **report}, indent=2))
-
-
-@app.command()
-def verify(
-    model_dir: Annotated[Path, typer.Argument(help="Optimized (or exported) folder with model.onnx.")],
-    reference: Annotated[
-        Path, typer.Option("--reference", help="The checkpoint it came from (prune/finetune).")
-    ],
-    task: TaskOpt = None,
-    stage: Annotated[
-        list[Path] | None, typer.Option("--stage", help="Earlier folders to check too (default: the export).")
-    ] = None,
-    atol: Annotated[float, typer.Option(help="Absolute tolerance.")] = 1e-4,
-    rtol: Annotated[float, typer.Option(help="Relative tolerance.")] = 1e-3,
-    data_dir: DataDirOpt = None,
-    report: Annotated[Path | None, typer.Option("--report", help="Write the JSON report here.")] = None,
-) -> None:
-    """Check ONNX outputs against PyTorch (per stage) and the dev-set metric; exit 1 on failure."""
-    from deploy.verify import Tolerance, dumps, summary_lines
-    from deploy.verify import verify as run_verify
-    from mlpruning.atomic import write_text
-
-    if not model_dir.is_dir():
-        raise UserError(f"model folder {model_dir} does not exist: check the path")
-    stages = list(stage or []) or _export_stage(model_dir)
-    try:
-        tol = Tolerance(atol, rtol)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
-    result = run_verify([*stages, model_dir], reference, task, data_dir, tol)
-    if report:
-        write_text(report, dumps(result) + "\n")
-    for line in summary_lines(result):
-        typer.echo(line)
-    typer.echo("PASSED" if result["passed"] else "FAILED")
-    if not result["passed"]:
-        raise typer.Exit(1)
-
-
-def _export_stage(model_dir: Path) -> list[Path]:
-    """The export folder an optimized folder came from, when it still exists."""
-    path = model_dir / "optimize.json"
-    if not path.is_file():
-        return []
-    source = Path(json.loads(path.read_text(encoding="utf-8")).get("source", ""))
-    return [source] if (source / "model.onnx").is_file() and source.resolve() != model_dir.resolve() else []
-
-
-def _int_list(values: list[str], flag: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for item in values for v in item.split(",") if v.strip())
-    except ValueError:
-        raise UserError(f"{flag} takes integers, e.g. {flag} 1,8 or {flag} 1 {flag} 8") from None
-
-
-@app.command()
-def bench(
-    model_dir: Annotated[Path, typer.Argument(help="Folder with model.onnx (export or optimize output).")],
-    baseline: Annotated[
-        Path | None, typer.Option("--baseline", help="Dense folder to compare against.")
-    ] = None,
-    batch: Annotated[
-        list[str] | None, typer.Option("--batch", help="Batch sizes: 1,8 or repeat the flag [default: 1,8].")
-    ] = None,
-    seq: Annotated[
-        list[str] | None,
-        typer.Option("--seq", help="Sequence lengths: 128,384 or repeat [default: 128,384]."),
-    ] = None,
-    threads: Annotated[int, typer.Option(min=1, help="ORT intra-op threads.")] = 1,
-    rounds: Annotated[int, typer.Option(min=1, help="Interleaved timing rounds.")] = 7,
-    iters: Annotated[int, typer.Option(min=1, help="Runs per model per round.")] = 10,
-    report: Annotated[Path | None, typer.Option("--report", help="Write the JSON report here.")] = None,
-) -> None:
-    """ONNX Runtime CPU latency (p50/p90/p99), and speedup vs --baseline from interleaved rounds."""
-    from deploy.bench import BenchConfig, dumps, format_table
-    from deploy.bench import bench as run_bench
-    from mlpruning.atomic import write_text
-
-    try:
-        batches, seqs = _int_list(batch or ["1,8"], "--batch"), _int_list(seq or ["128,384"], "--seq")
-        cfg = BenchConfig(batches, seqs, threads, 5, rounds, iters)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
-    result = run_bench(model_dir, baseline, cfg)
-    if report:
-        write_text(report, dumps(result) + "\n")
-    typer.echo(format_table(result))
+# Registered after the training commands so --help lists the stages in pipeline order.
+from mlpruning import cli_onnx  # noqa: E402, F401
 
 
 def main() -> None:
@@ -408,7 +261,7 @@ def main() -> None:
     try:
         app()
     except UserError as exc:
-        _echo_err(str(exc))
+        echo_err(str(exc))
         sys.exit(2)
 
 

@@ -1,0 +1,62 @@
+"""What every ``mlpruning`` subcommand module shares: the typer app, common options, helpers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from mlpruning import __version__
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+app = typer.Typer(
+    name="mlpruning",
+    help="Multi-level structured pruning (heads, rows, blocks) for BERT-class encoders.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+TaskOpt = Annotated[str | None, typer.Option("--task", help="GLUE task: sst2, mrpc, rte, stsb, mnli.")]
+DataDirOpt = Annotated[
+    Path | None,
+    typer.Option("--data-dir", help="Your own GLUE folder (SST-2/train.tsv ...); default: embedded copy."),
+]
+ThreadsOpt = Annotated[int | None, typer.Option("--threads", min=1, help="torch intra-op threads.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA if present), cpu, cuda or cuda:N.")]
+EpochsOpt = Annotated[float | None, typer.Option(help="Epochs (fractions allowed).")]
+SeedOpt = Annotated[int | None, typer.Option(help="Random seed.")]
+SaveEveryOpt = Annotated[int | None, typer.Option(help="Steps between resume checkpoints.")]
+SubsetOpt = Annotated[int | None, typer.Option(help="Train on a random subset of this size.")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --out.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace what --out holds.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")]
+
+
+def echo_err(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+
+
+def set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def stderr_console() -> Console:
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+@app.callback(invoke_without_command=True)
+def _root(
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+) -> None:
+    if version:
+        typer.echo(f"mlpruning {__version__}")
+        raise typer.Exit()

@@ -1,0 +1,130 @@
+"""ONNX subcommands: export, optimize, verify, bench (registered on the shared app)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mlpruning.cli_common import DataDirOpt, TaskOpt, app, echo_err
+from mlpruning.errors import UserError
+
+
+@app.command()
+def export(
+    ckpt: Annotated[Path, typer.Argument(help="Masked (prune) or fine-tuned (finetune) checkpoint folder.")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder for model.onnx and its manifest.")],
+    opset: Annotated[int, typer.Option(help="ONNX opset.", min=14)] = 17,
+) -> None:
+    """Export a checkpoint to ONNX (full size, zeros in place) with its pruning manifest."""
+    from pipeline.export import ExportMismatch, export_onnx
+
+    try:
+        report = export_onnx(ckpt, out, opset)
+    except ExportMismatch as exc:
+        echo_err(str(exc))
+        raise typer.Exit(1) from None
+    typer.echo(json.dumps({"out": str(out), **report}, indent=2))
+
+
+@app.command()
+def optimize(
+    model_dir: Annotated[Path, typer.Argument(help="Folder written by mlpruning export.")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder for the stripped model.")],
+) -> None:
+    """Physically strip pruned heads and FFN rows from an exported model (torch-free passes)."""
+    from graph_passes.optimize import optimize as run_passes
+
+    if not model_dir.is_dir():
+        raise UserError(f"model folder {model_dir} does not exist: check the path")
+    report = run_passes(model_dir, out)
+    typer.echo(json.dumps({"out": str(out), **report}, indent=2))
+
+
+@app.command()
+def verify(
+    model_dir: Annotated[Path, typer.Argument(help="Optimized (or exported) folder with model.onnx.")],
+    reference: Annotated[
+        Path, typer.Option("--reference", help="The checkpoint it came from (prune/finetune).")
+    ],
+    task: TaskOpt = None,
+    stage: Annotated[
+        list[Path] | None, typer.Option("--stage", help="Earlier folders to check too (default: the export).")
+    ] = None,
+    atol: Annotated[float, typer.Option(help="Absolute tolerance.")] = 1e-4,
+    rtol: Annotated[float, typer.Option(help="Relative tolerance.")] = 1e-3,
+    data_dir: DataDirOpt = None,
+    report: Annotated[Path | None, typer.Option("--report", help="Write the JSON report here.")] = None,
+) -> None:
+    """Check ONNX outputs against PyTorch (per stage) and the dev-set metric; exit 1 on failure."""
+    from deploy.verify import Tolerance, dumps, summary_lines
+    from deploy.verify import verify as run_verify
+    from mlpruning.atomic import write_text
+
+    if not model_dir.is_dir():
+        raise UserError(f"model folder {model_dir} does not exist: check the path")
+    stages = list(stage or []) or _export_stage(model_dir)
+    try:
+        tol = Tolerance(atol, rtol)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    result = run_verify([*stages, model_dir], reference, task, data_dir, tol)
+    if report:
+        write_text(report, dumps(result) + "\n")
+    for line in summary_lines(result):
+        typer.echo(line)
+    typer.echo("PASSED" if result["passed"] else "FAILED")
+    if not result["passed"]:
+        raise typer.Exit(1)
+
+
+def _export_stage(model_dir: Path) -> list[Path]:
+    """The export folder an optimized folder came from, when it still exists."""
+    path = model_dir / "optimize.json"
+    if not path.is_file():
+        return []
+    source = Path(json.loads(path.read_text(encoding="utf-8")).get("source", ""))
+    return [source] if (source / "model.onnx").is_file() and source.resolve() != model_dir.resolve() else []
+
+
+def _int_list(values: list[str], flag: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for item in values for v in item.split(",") if v.strip())
+    except ValueError:
+        raise UserError(f"{flag} takes integers, e.g. {flag} 1,8 or {flag} 1 {flag} 8") from None
+
+
+@app.command()
+def bench(
+    model_dir: Annotated[Path, typer.Argument(help="Folder with model.onnx (export or optimize output).")],
+    baseline: Annotated[
+        Path | None, typer.Option("--baseline", help="Dense folder to compare against.")
+    ] = None,
+    batch: Annotated[
+        list[str] | None, typer.Option("--batch", help="Batch sizes: 1,8 or repeat the flag [default: 1,8].")
+    ] = None,
+    seq: Annotated[
+        list[str] | None,
+        typer.Option("--seq", help="Sequence lengths: 128,384 or repeat [default: 128,384]."),
+    ] = None,
+    threads: Annotated[int, typer.Option(min=1, help="ORT intra-op threads.")] = 1,
+    rounds: Annotated[int, typer.Option(min=1, help="Interleaved timing rounds.")] = 7,
+    iters: Annotated[int, typer.Option(min=1, help="Runs per model per round.")] = 10,
+    report: Annotated[Path | None, typer.Option("--report", help="Write the JSON report here.")] = None,
+) -> None:
+    """ONNX Runtime CPU latency (p50/p90/p99), and speedup vs --baseline from interleaved rounds."""
+    from deploy.bench import BenchConfig, dumps, format_table
+    from deploy.bench import bench as run_bench
+    from mlpruning.atomic import write_text
+
+    try:
+        batches, seqs = _int_list(batch or ["1,8"], "--batch"), _int_list(seq or ["128,384"], "--seq")
+        cfg = BenchConfig(batches, seqs, threads, 5, rounds, iters)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    result = run_bench(model_dir, baseline, cfg)
+    if report:
+        write_text(report, dumps(result) + "\n")
+    typer.echo(format_table(result))
