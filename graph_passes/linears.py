@@ -1,11 +1,11 @@
 """Locate the prunable linears of an exported encoder through the exporter's name scopes.
 
-The TorchScript exporter names every node after the module that produced it: the query
-projection of layer 0 of a BERT model is ``/bert/encoder/layer.0/attention/self/query/MatMul``,
-followed by ``.../query/Add`` for the bias. Its weight input is an initializer holding W
-transposed, shape [in, out], under an exporter-chosen name (``onnx::MatMul_N``), so weights are
-found through the node, never by initializer name. The module paths come from the manifest's
-adapter record (written by ``pipeline``), so this module needs neither torch nor transformers.
+Each prunable ``nn.Linear`` becomes a ``MatMul`` whose weight input is an initializer holding W
+transposed ([in, out]), usually followed by an ``Add`` of the bias, both attributed to the
+linear's module (see :mod:`graph_passes.scopes` for how either exporter records that). Weights
+are found through the nodes, never by initializer name. The module paths come from the
+manifest's adapter record (written by ``pipeline``, or detected from the graph by
+:mod:`graph_passes.detect`), so this module needs neither torch nor transformers.
 """
 
 from __future__ import annotations
@@ -13,7 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import onnx_ir as ir
+
+from graph_passes.scopes import module_prefix, nodes_by_module
 
 LINEARS = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")
 
@@ -48,13 +51,10 @@ class StripReport:
     params_before: int = 0
     params_after: int = 0
     skipped: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return self.__dict__.copy()
-
-
-def _scope(prefix: str, layers: str, layer: int, path: str) -> str:
-    return f"/{prefix}/{layers.replace('.', '/')}.{layer}/{path.replace('.', '/')}"
 
 
 def _initializer_input(node: ir.Node) -> tuple[int, ir.Value | None]:
@@ -76,25 +76,44 @@ def _initializer_input(node: ir.Node) -> tuple[int, ir.Value | None]:
     return -1, None
 
 
+def _bias_add(nodes: list[ir.Node], matmul: ir.Node) -> tuple[ir.Node | None, int, ir.Value | None]:
+    """The Add in the linear's module that adds an initializer to the MatMul output."""
+    out = matmul.outputs[0]
+    for node in nodes:
+        if node.op_type == "Add" and out in node.inputs:
+            index, bias = _initializer_input(node)
+            if bias is not None:
+                return node, index, bias
+    return None, -1, None
+
+
 def find_linears(model: ir.Model, manifest: dict[str, Any]) -> dict[tuple[int, str], LinearSite]:
     """Every prunable linear, keyed by (layer, name); missing ones are simply absent."""
     adapter = manifest["adapter"]
-    by_name = {node.name: node for node in model.graph}
+    groups = nodes_by_module(model.graph)
     sites: dict[tuple[int, str], LinearSite] = {}
     for layer in range(manifest["geometry"]["num_layers"]):
+        base = module_prefix(adapter["prefix"], adapter["layers"], layer)
         for name in LINEARS:
-            scope = _scope(adapter["prefix"], adapter["layers"], layer, adapter[name])
-            matmul = by_name.get(f"{scope}/MatMul")
-            if matmul is None or matmul.op_type != "MatMul":
-                continue
-            w_index, weight = _initializer_input(matmul)
-            add = by_name.get(f"{scope}/Add")
-            b_index, bias = (
-                _initializer_input(add) if add is not None and add.op_type == "Add" else (-1, None)
-            )
-            if weight is not None:
+            nodes = groups.get(f"{base}.{adapter[name]}", [])
+            for matmul in (n for n in nodes if n.op_type == "MatMul"):
+                w_index, weight = _initializer_input(matmul)
+                if weight is None or len(weight.shape) != 2:
+                    continue
+                add, b_index, bias = _bias_add(nodes, matmul)
                 sites[(layer, name)] = LinearSite(layer, name, matmul, weight, w_index, add, bias, b_index)
+                break
     return sites
+
+
+def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """Register a new initializer (type and shape from ``array``) and return its value."""
+    tensor = ir.tensor(array, name=name)
+    value = ir.Value(
+        name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor
+    )
+    graph.register_initializer(value)
+    return value
 
 
 def replace_tensor(value: ir.Value, array: Any) -> None:
@@ -114,14 +133,7 @@ def set_input_tensor(node: ir.Node, index: int, value: ir.Value, array: Any) -> 
     if len(value.uses()) <= 1 and node.inputs[index] is value:
         replace_tensor(value, array)
         return value
-    graph = node.graph
-    new = ir.Value(
-        name=f"{value.name}__{node.name}",
-        shape=ir.Shape(array.shape),
-        type=value.type,
-        const_value=ir.tensor(array, name=f"{value.name}__{node.name}"),
-    )
-    graph.register_initializer(new)
+    new = add_initializer(node.graph, f"{value.name}__{node.name}", array)
     node.replace_input_with(index, new)
     return new
 
@@ -138,6 +150,22 @@ def clear_intermediate_shapes(model: ir.Model) -> None:
         for value in node.outputs:
             if id(value) not in keep and not value.is_initializer():
                 value.shape = None
+
+
+def replace_output_with_bias(site: LinearSite) -> None:
+    """Make every consumer of the linear's output read its bias instead (x @ 0 + b = b).
+
+    The bias is a [out] constant that broadcasts over batch and sequence in the consumer (the
+    residual Add); a linear without bias contributes zeros. The MatMul and Add are left without
+    users for the optimize driver's dead-node removal.
+    """
+    out = (site.add or site.matmul).outputs[0]
+    width = site.weight.shape[1]
+    array = site.bias.const_value.numpy().copy() if site.bias is not None else None
+    if array is None:
+        array = np.zeros(width, dtype=site.weight.const_value.numpy().dtype)
+    const = add_initializer(site.matmul.graph, f"{site.matmul.name}__bias_only", array)
+    ir.convenience.replace_all_uses_with(out, const)
 
 
 def count_params(sites: dict[tuple[int, str], LinearSite]) -> int:

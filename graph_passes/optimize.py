@@ -15,6 +15,7 @@ from typing import Any
 
 import onnx
 import onnx_ir as ir
+import onnx_ir.external_data
 import onnx_ir.passes.common
 
 from graph_passes.strip_heads import StripHeadsPass
@@ -52,7 +53,9 @@ def read_folder(folder: Path) -> tuple[ir.Model, dict[str, Any]]:
     manifest = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
     if "adapter" not in manifest or "prefix" not in manifest["adapter"]:
         raise UserError(f"{folder / MANIFEST_FILE} predates row indices: re-run mlpruning export")
-    return ir.load(folder / ONNX_FILE), manifest
+    model = ir.load(folder / ONNX_FILE)
+    # weights exported as external data (dynamo's default) come into memory: passes slice them
+    return ir.external_data.load_to_model(model), manifest
 
 
 def optimize(folder: Path, out: Path) -> dict[str, Any]:

@@ -6,10 +6,19 @@ c = [h*d, ..., h*d + d - 1 for h in K]. Graph weights are W transposed ([in, out
 - Q, K, V:  W^T[:, c] and bias[c]  (each head is d consecutive output features);
 - O:        W^T[c, :]              (O reads the concatenated heads: its input rows follow them).
 
-The attention reshapes need no rewrite when the exporter left the head axis as -1 (transformers
-5 reshapes to [batch, seq, -1, d] and back to [batch, seq, -1]); a Reshape that names the
-original head count explicitly is reported as a reason to skip the layer, never silently left
-wrong. A layer with no kept head is skipped with a reason (its "+ O bias" form is future work).
+Dropping head h is exact when its contribution to O's output is zero: its V columns and V bias
+are zero (softmax(.) @ 0 = 0) or O's input rows for it are zero. The pass checks that in the
+weights and refuses a manifest that disagrees, rather than silently changing the model.
+
+Each Q/K/V Reshape to [batch, seq, heads, d] is rewritten to the layer's own explicit head
+count: the exporters build that shape with a Concat whose head entry is -1 or the original
+count, and share it between Q, K and V (dynamo also between layers), so the pass gives every
+Reshape a fresh Concat with a per-layer constant. Runtimes and fusions that read the head count
+from the graph (ORT's attention fusion with num_heads=0) then see the true per-layer value.
+
+A layer with no kept head computes O(0) = O's bias for every token, so its whole attention
+block collapses to "+ O bias": the O output is replaced by the bias constant (broadcast over
+batch and sequence by the residual Add) and the unused attention nodes are removed.
 """
 
 from __future__ import annotations
@@ -22,20 +31,84 @@ import onnx_ir as ir
 from graph_passes.linears import (
     LinearSite,
     StripReport,
+    add_initializer,
     clear_intermediate_shapes,
     count_params,
     find_linears,
+    replace_output_with_bias,
 )
+from mlpruning.errors import UserError
 
 
 def _columns(heads: list[int], d: int) -> np.ndarray:
+    if not heads:
+        return np.zeros(0, dtype=np.int64)
     return np.concatenate([np.arange(h * d, (h + 1) * d) for h in heads]).astype(np.int64)
 
 
-def _slice_out(site: LinearSite, cols: np.ndarray) -> None:
-    site.set_weight(site.weight.const_value.numpy()[:, cols].copy())
-    if site.bias is not None:
-        site.set_bias(site.bias.const_value.numpy()[cols].copy())
+def _check_dropped(layer: int, dropped: list[int], d: int, value: LinearSite, out: LinearSite) -> None:
+    for h in dropped:
+        cols = slice(h * d, (h + 1) * d)
+        v_zero = not value.weight.const_value.numpy()[:, cols].any() and (
+            value.bias is None or not value.bias.const_value.numpy()[cols].any()
+        )
+        if not v_zero and out.weight.const_value.numpy()[cols, :].any():
+            raise UserError(
+                f"pruning.json does not match model.onnx: layer {layer} head {h} is pruned in the "
+                "manifest but its value and output weights are nonzero; re-export the checkpoint"
+            )
+
+
+def _const_array(value: ir.Value) -> np.ndarray | None:
+    if value.const_value is not None:
+        return value.const_value.numpy()
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Constant" and "value" in producer.attributes:
+        return producer.attributes["value"].as_tensor().numpy()
+    return None
+
+
+def _reshape_of(site: LinearSite) -> ir.Node | None:
+    out = (site.add or site.matmul).outputs[0]
+    for user, index in out.uses():
+        if user.op_type == "Reshape" and index == 0:
+            return user
+    return None
+
+
+def _head_shape_reason(reshape: ir.Node | None) -> str | None:
+    """Why the head axis of ``reshape``'s shape cannot be rewritten; None when it can."""
+    if reshape is None:
+        return "no Reshape after it"
+    shape = reshape.inputs[1]
+    const = _const_array(shape) if shape is not None else None
+    if const is not None:
+        return None if const.shape == (4,) else f"constant shape of length {const.size}, not 4"
+    producer = shape.producer() if shape is not None else None
+    if producer is None or producer.op_type != "Concat" or len(producer.inputs) != 4:
+        return "shape is neither a constant nor a 4-way Concat"
+    head = producer.inputs[2]
+    if head is None or _const_array(head) is None or _const_array(head).size != 1:
+        return "head entry of the shape Concat is computed, not constant"
+    return None
+
+
+def _set_head_count(reshape: ir.Node, heads: int, tag: str) -> None:
+    """Give ``reshape`` a shape of its own with ``heads`` on axis 2 (checked by the function above)."""
+    graph = reshape.graph
+    shape = reshape.inputs[1]
+    const = _const_array(shape)
+    if const is not None:
+        new = const.astype(np.int64).copy()
+        new[2] = heads
+        reshape.replace_input_with(1, add_initializer(graph, f"{tag}_shape", new))
+        return
+    producer = shape.producer()
+    count = add_initializer(graph, f"{tag}_heads", np.array([heads], np.int64))
+    inputs = [producer.inputs[0], producer.inputs[1], count, producer.inputs[3]]
+    concat = ir.Node("", "Concat", inputs, attributes=[ir.AttrInt64("axis", 0)], name=f"{tag}_shape")
+    graph.insert_before(reshape, concat)
+    reshape.replace_input_with(1, concat.outputs[0])
 
 
 class StripHeadsPass(ir.passes.InPlacePass):
@@ -49,25 +122,45 @@ class StripHeadsPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         sites = find_linears(model, self.manifest)
         self.report.params_before = count_params(sites)
-        geo = self.manifest["geometry"]
+        changed = False
         for layer, info in enumerate(self.manifest["layers"]):
-            kept = sorted(info["heads_kept"])
-            needed = [sites.get((layer, n)) for n in ("query", "key", "value", "attn_out")]
-            if len(kept) == geo["num_heads"]:
-                continue
-            if not kept:
-                self.report.skipped.append(f"layer {layer}: no head kept (not supported yet)")
-                continue
-            if any(s is None for s in needed):
-                self.report.skipped.append(f"layer {layer}: attention linears not found by name scope")
-                continue
-            cols = _columns(kept, geo["head_dim"])
-            for site in needed[:3]:
-                _slice_out(site, cols)
-            o = needed[3]
-            o.set_weight(o.weight.const_value.numpy()[cols, :].copy())
-            self.report.rewrites += 1
-        self.report.params_after = count_params(sites)
-        if self.report.rewrites:
+            changed |= self._layer(layer, sorted(info["heads_kept"]), sites)
+        if changed:
+            ir.passes.common.RemoveUnusedNodesPass()(model)
             clear_intermediate_shapes(model)
-        return ir.passes.PassResult(model, modified=self.report.rewrites > 0)
+        self.report.params_after = count_params(find_linears(model, self.manifest))
+        return ir.passes.PassResult(model, modified=changed)
+
+    def _layer(self, layer: int, kept: list[int], sites: dict[tuple[int, str], LinearSite]) -> bool:
+        geo = self.manifest["geometry"]
+        heads, d = geo["num_heads"], geo["head_dim"]
+        qkvo = [sites.get((layer, n)) for n in ("query", "key", "value", "attn_out")]
+        if any(s is None for s in qkvo):
+            self.report.skipped.append(f"layer {layer}: attention linears not found by name scope")
+            return False
+        q, k, v, o = qkvo
+        _check_dropped(layer, sorted(set(range(heads)) - set(kept)), d, v, o)
+        if not kept:
+            replace_output_with_bias(o)
+            self.report.rewrites += 1
+            self.report.notes.append(f"layer {layer}: no head kept, attention replaced by + O bias")
+            return True
+        reshapes = {s.name: _reshape_of(s) for s in (q, k, v)}
+        reasons = {n: _head_shape_reason(r) for n, r in reshapes.items()}
+        if any(reasons.values()):
+            # slicing without a matching head count could mis-shape the attention: leave the layer
+            why = "; ".join(f"{n}: {r}" for n, r in reasons.items() if r)
+            self.report.skipped.append(f"layer {layer}: Q/K/V Reshape head count not rewritable ({why})")
+            return False
+        for name, reshape in reshapes.items():
+            _set_head_count(reshape, len(kept), f"layer{layer}_{name}_{len(kept)}heads")
+        if len(kept) == heads:
+            return True
+        cols = _columns(kept, d)
+        for site in (q, k, v):
+            site.set_weight(site.weight.const_value.numpy()[:, cols].copy())
+            if site.bias is not None:
+                site.set_bias(site.bias.const_value.numpy()[cols].copy())
+        o.set_weight(o.weight.const_value.numpy()[cols, :].copy())
+        self.report.rewrites += 1
+        return True

@@ -5,10 +5,11 @@ With kept intermediate neurons R (FFN-in rows, sorted) and graph weights stored 
 - FFN-in:  W^T[:, R] and bias[R]   (a pruned neuron's row of W is gone, and its bias with it);
 - FFN-out: W^T[R, :]               (FFN-out reads the neurons: its input rows follow them).
 
-Exact because a pruned neuron contributes W_out[:, i] * gelu(0 + b_i) and the masked checkpoint
-has W_out[:, i] = 0. The output rows of O and FFN-out (residual-stream dimensions) stay dense:
-their zero rows cost a little compute, and scattering them back is future work (reported).
-A layer with no kept neuron is skipped with a reason.
+Exact because a pruned neuron contributes W_out[:, i] * act(0 + b_i) and the masked checkpoint
+has W_out[:, i] = 0; the pass checks those rows are zero and refuses a manifest that disagrees.
+A layer with no kept neuron computes FFN-out(act(.)) @ 0 + b, so its FFN collapses to
+"+ FFN-out bias" (the FFN-in and FFN-out nodes are removed). The output rows of O and FFN-out
+(residual-stream dimensions) are the business of the scatter-rows pass.
 """
 
 from __future__ import annotations
@@ -19,11 +20,14 @@ import numpy as np
 import onnx_ir as ir
 
 from graph_passes.linears import (
+    LinearSite,
     StripReport,
     clear_intermediate_shapes,
     count_params,
     find_linears,
+    replace_output_with_bias,
 )
+from mlpruning.errors import UserError
 
 
 class StripRowsPass(ir.passes.InPlacePass):
@@ -37,25 +41,36 @@ class StripRowsPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         sites = find_linears(model, self.manifest)
         self.report.params_before = count_params(sites)
-        intermediate = self.manifest["geometry"]["intermediate"]
+        changed = False
         for layer, info in enumerate(self.manifest["layers"]):
-            rows = np.asarray(sorted(info["ffn_rows_kept_indices"]), dtype=np.int64)
-            ffn_in, ffn_out = sites.get((layer, "ffn_in")), sites.get((layer, "ffn_out"))
-            if len(rows) == intermediate:
-                continue
-            if len(rows) == 0:
-                self.report.skipped.append(f"layer {layer}: no FFN row kept (not supported yet)")
-                continue
-            if ffn_in is None or ffn_out is None:
-                self.report.skipped.append(f"layer {layer}: FFN linears not found by name scope")
-                continue
+            changed |= self._layer(layer, np.asarray(sorted(info["ffn_rows_kept_indices"]), np.int64), sites)
+        if changed:
+            ir.passes.common.RemoveUnusedNodesPass()(model)
+            clear_intermediate_shapes(model)
+        self.report.params_after = count_params(find_linears(model, self.manifest))
+        return ir.passes.PassResult(model, modified=changed)
+
+    def _layer(self, layer: int, rows: np.ndarray, sites: dict[tuple[int, str], LinearSite]) -> bool:
+        ffn_in, ffn_out = sites.get((layer, "ffn_in")), sites.get((layer, "ffn_out"))
+        if len(rows) == self.manifest["geometry"]["intermediate"]:
+            return False
+        if ffn_in is None or ffn_out is None:
+            self.report.skipped.append(f"layer {layer}: FFN linears not found by name scope")
+            return False
+        dropped = np.ones(ffn_out.weight.shape[0], dtype=bool)
+        dropped[rows] = False
+        if ffn_out.weight.const_value.numpy()[dropped].any():
+            raise UserError(
+                f"pruning.json does not match model.onnx: layer {layer} has FFN rows pruned in the "
+                "manifest whose FFN-out weights are nonzero; re-export the checkpoint"
+            )
+        if len(rows) == 0:
+            replace_output_with_bias(ffn_out)
+            self.report.notes.append(f"layer {layer}: no FFN row kept, FFN replaced by + FFN-out bias")
+        else:
             ffn_in.set_weight(ffn_in.weight.const_value.numpy()[:, rows].copy())
             if ffn_in.bias is not None:
                 ffn_in.set_bias(ffn_in.bias.const_value.numpy()[rows].copy())
             ffn_out.set_weight(ffn_out.weight.const_value.numpy()[rows, :].copy())
-            self.report.rewrites += 1
-        self.report.skipped.append("O and FFN-out output rows kept dense (scatter-back not implemented)")
-        self.report.params_after = count_params(sites)
-        if self.report.rewrites:
-            clear_intermediate_shapes(model)
-        return ir.passes.PassResult(model, modified=self.report.rewrites > 0)
+        self.report.rewrites += 1
+        return True

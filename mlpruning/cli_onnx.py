@@ -16,13 +16,16 @@ from mlpruning.errors import UserError
 def export(
     ckpt: Annotated[Path, typer.Argument(help="Masked (prune) or fine-tuned (finetune) checkpoint folder.")],
     out: Annotated[Path, typer.Option("--out", help="Output folder for model.onnx and its manifest.")],
-    opset: Annotated[int, typer.Option(help="ONNX opset.", min=14)] = 17,
+    opset: Annotated[int, typer.Option(help="ONNX opset (dynamo needs >= 18).", min=14)] = 17,
+    exporter: Annotated[
+        str, typer.Option(help="torchscript (measured faster on CPU) or dynamo.")
+    ] = "torchscript",
 ) -> None:
     """Export a checkpoint to ONNX (full size, zeros in place) with its pruning manifest."""
     from pipeline.export import ExportMismatch, export_onnx
 
     try:
-        report = export_onnx(ckpt, out, opset)
+        report = export_onnx(ckpt, out, opset, exporter)
     except ExportMismatch as exc:
         echo_err(str(exc))
         raise typer.Exit(1) from None

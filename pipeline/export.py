@@ -2,12 +2,13 @@
 
 The model is exported at full size with its zeros in place; the graph passes (torch-free) strip
 what the manifest says was pruned. Exporter: the TorchScript-based ``torch.onnx.export(...,
-dynamo=False)``, which on this project's 2-core CPU gave graphs ~7% faster dense and ~20% faster
-at 20% weights than the dynamo path. What the strip passes rely on, pinned by tests: each
-prunable linear is one ``MatMul`` whose node name carries the module path
-(``/bert/encoder/layer.0/attention/self/query/MatMul``) and whose weight input is an initializer
-holding W transposed ([in, out], named ``onnx::MatMul_N``, not the HF key), followed by an ``Add``
-of the bias (which keeps its HF name).
+dynamo=False)`` by default, because it measured faster on CPU than the dynamo path
+(``benchmarks/exporter_speed.py`` compares both, dense and stripped, on the same weights);
+``exporter="dynamo"`` is supported too. What the strip passes rely on, pinned by tests for both:
+each prunable linear is one ``MatMul`` attributed to its module (TorchScript: in the node name,
+``/bert/encoder/layer.0/attention/self/query/MatMul``; dynamo: in the node's name-scope
+metadata) whose weight input is an initializer holding W transposed ([in, out], under an
+exporter-chosen name, never the HF key), followed by an ``Add`` of the bias.
 
 Axes: batch and sequence are dynamic for every input and the logits' batch axis. The export is
 checked once on the spot: ONNX Runtime (CPU) and PyTorch must agree within 1e-4 on a fixed batch
@@ -21,6 +22,7 @@ opset, input/output names, parity at export, versions).
 from __future__ import annotations
 
 import inspect
+import logging
 import shutil
 import warnings
 from pathlib import Path
@@ -42,6 +44,7 @@ from pipeline.tasks import get_task
 ONNX_FILE = "model.onnx"
 EXPORT_FILE = "export.json"
 PARITY_ATOL = 1e-4
+EXPORTERS = ("torchscript", "dynamo")
 _PROBE = [
     "a gripping , beautifully shot film",
     "the plot never comes together and the jokes fall flat for most of the two hours .",
@@ -73,10 +76,47 @@ def _probe_batch(tokenizer: Any, names: list[str]) -> dict[str, np.ndarray]:
     return {k: enc[k].astype(np.int64) for k in names}
 
 
-def export_onnx(ckpt: Path, out: Path, opset: int = 17) -> dict[str, Any]:
+def _run_exporter(model: Any, path: Path, kwargs: dict[str, Any], opset: int, exporter: str) -> None:
+    names = list(kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about Python-level shape checks
+        if exporter == "torchscript":
+            dynamic = {n: {0: "batch", 1: "sequence"} for n in names} | {"logits": {0: "batch"}}
+            torch.onnx.export(
+                model,
+                (),
+                str(path),
+                kwargs=kwargs,
+                input_names=names,
+                output_names=["logits"],
+                dynamic_axes=dynamic,
+                opset_version=opset,
+                dynamo=False,
+            )
+            return
+        # the dynamo exporter logs one warning per missing torchvision op: not our concern
+        logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+        batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+        program = torch.onnx.export(
+            model,
+            (),
+            kwargs=kwargs,
+            input_names=names,
+            output_names=["logits"],
+            dynamic_shapes={n: {0: batch, 1: seq} for n in names},
+            opset_version=max(opset, 18),
+            dynamo=True,
+            verbose=False,
+        )
+        program.save(str(path), external_data=False)
+
+
+def export_onnx(ckpt: Path, out: Path, opset: int = 17, exporter: str = "torchscript") -> dict[str, Any]:
     """Export ``ckpt`` into ``out`` (see the module docstring); returns the export report."""
     import onnxruntime as ort
 
+    if exporter not in EXPORTERS:
+        raise UserError(f"unknown exporter {exporter!r}: use one of {', '.join(EXPORTERS)}")
     if not ckpt.is_dir():
         raise UserError(f"checkpoint folder {ckpt} does not exist: check the path")
     model, manifest = _load(ckpt)
@@ -91,21 +131,8 @@ def export_onnx(ckpt: Path, out: Path, opset: int = 17) -> dict[str, Any]:
     trace = tokenizer(
         ["export trace", "a second, longer example sentence"], padding=True, return_tensors="pt"
     )
-    dynamic = {n: {0: "batch", 1: "sequence"} for n in names} | {"logits": {0: "batch"}}
     with staging_dir(out) as tmp, quiet_transformers():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracer warnings about Python-level shape checks
-            torch.onnx.export(
-                model,
-                (),
-                str(tmp / ONNX_FILE),
-                kwargs={n: trace[n] for n in names},
-                input_names=names,
-                output_names=["logits"],
-                dynamic_axes=dynamic,
-                opset_version=opset,
-                dynamo=False,
-            )
+        _run_exporter(model, tmp / ONNX_FILE, {n: trace[n] for n in names}, opset, exporter)
         probe = _probe_batch(tokenizer, names)
         session = ort.InferenceSession(str(tmp / ONNX_FILE), providers=["CPUExecutionProvider"])
         got = session.run(["logits"], probe)[0]
@@ -118,9 +145,9 @@ def export_onnx(ckpt: Path, out: Path, opset: int = 17) -> dict[str, Any]:
             )
         report = {
             "format_version": 1,
-            "exporter": "torchscript",
-            "dynamo": False,
-            "opset": opset,
+            "exporter": exporter,
+            "dynamo": exporter == "dynamo",
+            "opset": opset if exporter == "torchscript" else max(opset, 18),
             "inputs": names,
             "outputs": ["logits"],
             "source": str(ckpt),

@@ -64,8 +64,21 @@ def test_dense_manifest_changes_nothing(stripped, tmp_path):
     for layer in manifest["layers"]:
         layer["heads_kept"] = list(range(8))
     model = ir.load(stripped / "onnx" / "model.onnx")
-    result = StripHeadsPass(manifest)(model)
-    assert not result.modified
+    p = StripHeadsPass(manifest)
+    p(model)
+    assert p.report.rewrites == 0 and p.report.params_after == p.report.params_before
+    # only the head axis of every Q/K/V Reshape became explicit: 8 heads, 3 reshapes per layer
+    assert _explicit_head_counts(model) == [8] * 3 * len(manifest["layers"])
+
+
+def _explicit_head_counts(model: ir.Model) -> list[int]:
+    counts = []
+    for node in model.graph:
+        shape = node.inputs[1] if node.op_type == "Reshape" else None
+        producer = shape.producer() if shape is not None else None
+        if producer is not None and producer.name.endswith("heads_shape"):
+            counts.append(int(producer.inputs[2].const_value.numpy()[0]))
+    return counts
 
 
 def test_missing_pieces_are_reported(stripped, tmp_path):
