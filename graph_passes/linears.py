@@ -168,6 +168,25 @@ def replace_output_with_bias(site: LinearSite) -> None:
     ir.convenience.replace_all_uses_with(out, const)
 
 
+def const_array(value: ir.Value) -> np.ndarray | None:
+    """The constant contents of ``value`` (initializer or Constant node output), else None."""
+    if value.const_value is not None:
+        return value.const_value.numpy()
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Constant" and "value" in producer.attributes:
+        return producer.attributes["value"].as_tensor().numpy()
+    return None
+
+
+def reshape_after(site: LinearSite) -> ir.Node | None:
+    """The Reshape that consumes the linear's output (the split into heads), if any."""
+    out = (site.add or site.matmul).outputs[0]
+    for user, index in out.uses():
+        if user.op_type == "Reshape" and index == 0:
+            return user
+    return None
+
+
 def count_params(sites: dict[tuple[int, str], LinearSite]) -> int:
     total = 0
     for site in sites.values():

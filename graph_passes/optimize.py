@@ -1,9 +1,11 @@
 """Run the strip passes over an exported model folder and write the optimized folder.
 
-Order: strip heads, then strip rows. After every pass the model is serialized and must pass
-``onnx.checker`` with full shape inference; a failure names the pass. The report (also written as
-``optimize.json``) lists, per pass, the rewrites, the parameters of the prunable linears before
-and after, and the reasons anything was skipped.
+Order: strip heads, strip rows, scatter output rows. The manifest is the folder's ``pruning.json`` or, for
+models pruned elsewhere, one detected from the weight zeros (:mod:`graph_passes.detect`).
+After every pass the model is serialized and must pass ``onnx.checker`` with full shape
+inference; a failure names the pass. The report (also written as ``optimize.json``) lists, per
+pass, the rewrites, the parameters of the prunable linears before and after, and the reasons
+anything was skipped.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import onnx_ir as ir
 import onnx_ir.external_data
 import onnx_ir.passes.common
 
+from graph_passes.detect import DETECTED_KIND, detect_manifest
+from graph_passes.scatter_rows import ScatterRowsPass
 from graph_passes.strip_heads import StripHeadsPass
 from graph_passes.strip_rows import StripRowsPass
 from mlpruning.atomic import staging_dir, write_json
@@ -45,32 +49,49 @@ def _check(model: ir.Model, after: str) -> None:
         raise RuntimeError(f"model invalid after {after}: {exc}") from exc
 
 
-def read_folder(folder: Path) -> tuple[ir.Model, dict[str, Any]]:
+def read_folder(folder: Path, num_heads: int | None = None) -> tuple[ir.Model, dict[str, Any]]:
+    """The model (weights in memory) and its manifest: ``pruning.json``, else detected from zeros."""
     if not (folder / ONNX_FILE).is_file():
         raise UserError(f"{folder} has no {ONNX_FILE}: pass the output of mlpruning export")
+    model = ir.load(folder / ONNX_FILE)
+    # weights exported as external data (dynamo's default) come into memory: passes slice them
+    model = ir.external_data.load_to_model(model)
     if not (folder / MANIFEST_FILE).is_file():
-        raise UserError(f"{folder} has no {MANIFEST_FILE}: export the model with mlpruning export")
+        config_path = folder / "config.json"
+        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else None
+        return model, detect_manifest(model, config, num_heads)
     manifest = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
     if "adapter" not in manifest or "prefix" not in manifest["adapter"]:
         raise UserError(f"{folder / MANIFEST_FILE} predates row indices: re-run mlpruning export")
-    model = ir.load(folder / ONNX_FILE)
-    # weights exported as external data (dynamo's default) come into memory: passes slice them
-    return ir.external_data.load_to_model(model), manifest
+    return model, manifest
 
 
-def optimize(folder: Path, out: Path) -> dict[str, Any]:
-    """Strip heads and rows of ``folder/model.onnx`` into ``out``; returns the report."""
-    model, manifest = read_folder(folder)
-    passes = [StripHeadsPass(manifest), StripRowsPass(manifest)]
+def optimize(
+    folder: Path, out: Path, num_heads: int | None = None, scatter_rows: str = "auto"
+) -> dict[str, Any]:
+    """Strip heads and rows of ``folder/model.onnx`` into ``out``; returns the report.
+
+    Without ``pruning.json`` in ``folder`` the manifest is detected from the weight zeros (and
+    written to ``out`` so later stages read the same one); ``num_heads`` helps when the folder
+    has no ``config.json`` either. ``scatter_rows``: auto, dense or scatter (see scatter_rows).
+    """
+    model, manifest = read_folder(folder, num_heads)
+    passes = [StripHeadsPass(manifest), StripRowsPass(manifest), ScatterRowsPass(manifest, scatter_rows)]
     for p in passes:
         p(model)
         ir.passes.common.RemoveUnusedNodesPass()(model)  # Identity nodes a rewrite bypassed
         _check(model, p.report.name)
-    report = {"source": str(folder), "passes": [p.report.to_json() for p in passes]}
+    report = {
+        "source": str(folder),
+        "manifest": manifest.get("kind", "masked"),
+        "passes": [p.report.to_json() for p in passes],
+    }
     with staging_dir(out) as tmp:
         ir.save(model, tmp / ONNX_FILE)
         for name in _CARRIED:
             if (folder / name).is_file():
                 shutil.copy(folder / name, tmp / name)
+        if manifest.get("kind") == DETECTED_KIND:
+            write_json(tmp / MANIFEST_FILE, manifest)
     write_json(out / REPORT_FILE, report)
     return report

@@ -33,9 +33,11 @@ from graph_passes.linears import (
     StripReport,
     add_initializer,
     clear_intermediate_shapes,
+    const_array,
     count_params,
     find_linears,
     replace_output_with_bias,
+    reshape_after,
 )
 from mlpruning.errors import UserError
 
@@ -59,36 +61,19 @@ def _check_dropped(layer: int, dropped: list[int], d: int, value: LinearSite, ou
             )
 
 
-def _const_array(value: ir.Value) -> np.ndarray | None:
-    if value.const_value is not None:
-        return value.const_value.numpy()
-    producer = value.producer()
-    if producer is not None and producer.op_type == "Constant" and "value" in producer.attributes:
-        return producer.attributes["value"].as_tensor().numpy()
-    return None
-
-
-def _reshape_of(site: LinearSite) -> ir.Node | None:
-    out = (site.add or site.matmul).outputs[0]
-    for user, index in out.uses():
-        if user.op_type == "Reshape" and index == 0:
-            return user
-    return None
-
-
 def _head_shape_reason(reshape: ir.Node | None) -> str | None:
     """Why the head axis of ``reshape``'s shape cannot be rewritten; None when it can."""
     if reshape is None:
         return "no Reshape after it"
     shape = reshape.inputs[1]
-    const = _const_array(shape) if shape is not None else None
+    const = const_array(shape) if shape is not None else None
     if const is not None:
         return None if const.shape == (4,) else f"constant shape of length {const.size}, not 4"
     producer = shape.producer() if shape is not None else None
     if producer is None or producer.op_type != "Concat" or len(producer.inputs) != 4:
         return "shape is neither a constant nor a 4-way Concat"
     head = producer.inputs[2]
-    if head is None or _const_array(head) is None or _const_array(head).size != 1:
+    if head is None or const_array(head) is None or const_array(head).size != 1:
         return "head entry of the shape Concat is computed, not constant"
     return None
 
@@ -97,7 +82,7 @@ def _set_head_count(reshape: ir.Node, heads: int, tag: str) -> None:
     """Give ``reshape`` a shape of its own with ``heads`` on axis 2 (checked by the function above)."""
     graph = reshape.graph
     shape = reshape.inputs[1]
-    const = _const_array(shape)
+    const = const_array(shape)
     if const is not None:
         new = const.astype(np.int64).copy()
         new[2] = heads
@@ -145,7 +130,7 @@ class StripHeadsPass(ir.passes.InPlacePass):
             self.report.rewrites += 1
             self.report.notes.append(f"layer {layer}: no head kept, attention replaced by + O bias")
             return True
-        reshapes = {s.name: _reshape_of(s) for s in (q, k, v)}
+        reshapes = {s.name: reshape_after(s) for s in (q, k, v)}
         reasons = {n: _head_shape_reason(r) for n, r in reshapes.items()}
         if any(reasons.values()):
             # slicing without a matching head count could mis-shape the attention: leave the layer

@@ -36,13 +36,26 @@ def export(
 def optimize(
     model_dir: Annotated[Path, typer.Argument(help="Folder written by mlpruning export.")],
     out: Annotated[Path, typer.Option("--out", help="Output folder for the stripped model.")],
+    num_heads: Annotated[
+        int | None,
+        typer.Option(
+            "--num-heads", min=1, help="Head count, for a folder with neither pruning.json nor config.json."
+        ),
+    ] = None,
+    scatter_rows: Annotated[
+        str,
+        typer.Option(help="O/FFN-out pruned output rows: auto (timed here), dense or scatter."),
+    ] = "auto",
 ) -> None:
     """Physically strip pruned heads and FFN rows from an exported model (torch-free passes)."""
     from graph_passes.optimize import optimize as run_passes
+    from graph_passes.scatter_rows import MODES as SCATTER_MODES
 
     if not model_dir.is_dir():
         raise UserError(f"model folder {model_dir} does not exist: check the path")
-    report = run_passes(model_dir, out)
+    if scatter_rows not in SCATTER_MODES:
+        raise UserError(f"--scatter-rows {scatter_rows}: use one of {', '.join(SCATTER_MODES)}")
+    report = run_passes(model_dir, out, num_heads, scatter_rows)
     typer.echo(json.dumps({"out": str(out), **report}, indent=2))
 
 

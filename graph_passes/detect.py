@@ -1,0 +1,138 @@
+"""A pruning manifest read from the weights themselves, for ONNX models pruned by other tools.
+
+Without ``pruning.json`` the strip passes still know what to remove, because pruning leaves
+exact zeros that make a unit's contribution vanish:
+
+- head h of a layer is dead when its value columns and value bias are zero (its output is
+  softmax(.) @ 0 = 0) or O's input rows for it are zero (its output is never read);
+- FFN neuron i is dead when FFN-out's input row i (W^T[i, :]) is zero, whatever the activation;
+- output feature j of O or FFN-out (a residual-stream dimension) is dead when W^T[:, j] is zero
+  (its bias is still added in full).
+
+The encoder's layout comes from the graph: the module paths the exporter recorded (see
+:mod:`graph_passes.scopes`) are matched against the known families' linear paths, which gives
+the base-model prefix, the layer count and the six linears per layer; widths come from the
+weights. Only the head count is not in the weights: it is read from ``config.json``
+(``num_attention_heads`` / ``n_heads``), else from the head size the exporter wrote into the
+query Reshape, else passed by the user.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from graph_passes.linears import LinearSite, const_array, find_linears, reshape_after
+from graph_passes.scopes import nodes_by_module
+from mlpruning.errors import UserError
+from pipeline.adapters import ADAPTERS
+
+DETECTED_KIND = "detected"
+
+
+def _layout(model: ir.Model) -> dict[str, Any]:
+    """Adapter record and layer count matched from the graph's module paths."""
+    modules = nodes_by_module(model.graph)
+    for adapter in ADAPTERS:
+        pattern = re.compile(
+            rf"^(?:(?P<prefix>.+)\.)?{re.escape(adapter.layers)}\.(?P<i>\d+)\.{re.escape(adapter.query)}$"
+        )
+        found = [m for m in map(pattern.match, modules) if m]
+        if found:
+            prefixes = {m["prefix"] or "" for m in found}
+            if len(prefixes) > 1:
+                raise UserError(
+                    f"model.onnx holds several encoders ({sorted(prefixes)}): pass a pruning.json"
+                )
+            return {
+                "adapter": {
+                    "family": adapter.family,
+                    "prefix": prefixes.pop(),
+                    "layers": adapter.layers,
+                    **adapter.linear_paths(),
+                },
+                "num_layers": max(int(m["i"]) for m in found) + 1,
+            }
+    raise UserError(
+        "model.onnx has no encoder layer this tool recognises by module names "
+        "(bert, roberta, distilbert exports from torch.onnx): pass a pruning.json"
+    )
+
+
+def _head_count(config: dict[str, Any], query: LinearSite, num_heads: int | None) -> int:
+    heads = num_heads or config.get("num_attention_heads") or config.get("n_heads")
+    if not heads:
+        reshape = reshape_after(query)
+        shape = reshape.inputs[1] if reshape is not None else None
+        producer = shape.producer() if shape is not None else None
+        if producer is not None and producer.op_type == "Concat" and len(producer.inputs) == 4:
+            head_dim = const_array(producer.inputs[3])
+            if head_dim is not None and head_dim.size == 1 and int(head_dim.item()) > 0:
+                heads = query.weight.shape[1] // int(head_dim.item())
+    if not heads or query.weight.shape[1] % int(heads):
+        raise UserError("cannot tell the attention head count: add config.json or pass --num-heads")
+    return int(heads)
+
+
+def _nonzero(array: np.ndarray, axis: int) -> np.ndarray:
+    return np.flatnonzero(np.abs(array).sum(axis=axis) > 0)
+
+
+def _layer_record(sites: dict[tuple[int, str], LinearSite], layer: int, heads: int) -> dict[str, Any]:
+    v, o = sites[(layer, "value")], sites[(layer, "attn_out")]
+    ffn_out = sites[(layer, "ffn_out")]
+    w_v, w_o = v.weight.const_value.numpy(), o.weight.const_value.numpy()
+    b_v = v.bias.const_value.numpy() if v.bias is not None else np.zeros(w_v.shape[1], w_v.dtype)
+    d = w_v.shape[1] // heads
+    kept = [
+        h
+        for h in range(heads)
+        if (w_v[:, h * d : (h + 1) * d].any() or b_v[h * d : (h + 1) * d].any())
+        and w_o[h * d : (h + 1) * d].any()
+    ]
+    w_out = ffn_out.weight.const_value.numpy()
+    rows = _nonzero(w_out, axis=1).tolist()
+    o_rows, f_rows = _nonzero(w_o, axis=0).tolist(), _nonzero(w_out, axis=0).tolist()
+    return {
+        "heads_kept": kept,
+        "num_heads_kept": len(kept),
+        "ffn_rows_kept": len(rows),
+        "ffn_rows_kept_indices": rows,
+        "attn_out_rows_kept": len(o_rows),
+        "attn_out_rows_kept_indices": o_rows,
+        "ffn_out_rows_kept": len(f_rows),
+        "ffn_out_rows_kept_indices": f_rows,
+    }
+
+
+def detect_manifest(
+    model: ir.Model, config: dict[str, Any] | None, num_heads: int | None = None
+) -> dict[str, Any]:
+    """A manifest equivalent to ``pruning.json``, derived from the graph and its weight zeros."""
+    layout = _layout(model)
+    draft = {"adapter": layout["adapter"], "geometry": {"num_layers": layout["num_layers"]}}
+    sites = find_linears(model, draft)
+    names = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")
+    missing = [f"layer {i} {n}" for i in range(layout["num_layers"]) for n in names if (i, n) not in sites]
+    if missing:
+        raise UserError(f"model.onnx lacks prunable linears ({', '.join(missing[:3])}): pass a pruning.json")
+    query = sites[(0, "query")]
+    heads = _head_count(config or {}, query, num_heads)
+    geometry = {
+        "num_layers": layout["num_layers"],
+        "num_heads": heads,
+        "head_dim": query.weight.shape[1] // heads,
+        "hidden": query.weight.shape[0],
+        "intermediate": sites[(0, "ffn_in")].weight.shape[1],
+    }
+    return {
+        "format_version": 1,
+        "kind": DETECTED_KIND,
+        "source": "weight zeros (no pruning.json)",
+        "geometry": geometry,
+        "adapter": layout["adapter"],
+        "layers": [_layer_record(sites, i, heads) for i in range(layout["num_layers"])],
+    }
