@@ -1,10 +1,11 @@
-"""Speed of stripped heads/rows on a BERT-base-shaped model (not part of the test suite).
+"""Speed and parity of stripped heads/rows on a BERT-base-shaped model (not in the test suite).
 
 Builds a random BERT-base classifier (12 layers, hidden 768, 12 heads, FFN 3072), and for each
-target remaining ratio r writes a masked checkpoint that keeps a different number of heads in
-every layer and the matching share of FFN neurons (O and FFN-out output rows kept, so
-r = heads/3 + 2 * ffn/3 per layer), then runs the real tools: export -> optimize -> bench
-against the dense export of the same weights.
+target remaining ratio r writes a masked checkpoint (``pipeline.pruning.fixed``) that keeps a
+different number of heads in every layer (mean ~ 12 r) and the FFN share that makes the
+encoder's remaining ratio r exactly (per layer r = heads/36 + 2/3 ffn share, O and FFN-out rows
+kept). Then the real tools run: export -> optimize -> bench against the dense export of the same
+weights, and the stripped ONNX is compared with the masked PyTorch model on padded batches.
 
     .venv/bin/python benchmarks/strip_speed.py --out runs/strip-speed --targets 0.5 0.3 0.2
 """
@@ -17,59 +18,44 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import onnxruntime as ort
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 from mlpruning.atomic import write_json
-from pipeline.adapters import geometry, layer_linears
-from pipeline.models import embedded_default_dir
-from pipeline.pruning.checkpoint import MANIFEST_FILE, MASKS_FILE, build_manifest, save_masks
-from pipeline.pruning.masks import MaskScores, attach, detach_masks
+from pipeline.adapters import geometry
+from pipeline.pruning.checkpoint import load_masked
+from pipeline.pruning.fixed import random_masks, write_masked
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
-
-
-def masks_for(
-    target: float, layers: int, heads: int, ffn: int, hidden: int, seed: int
-) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    masks = {}
-    # a different head count per layer around the target, same total
-    counts = [max(1, min(heads, round(target * heads + d))) for d in ([-2, -1, 0, 1, 2, 0] * 2)[:layers]]
-    for i, h in enumerate(counts):
-        keep = torch.zeros(heads, dtype=torch.bool)
-        keep[torch.randperm(heads, generator=gen)[:h]] = True
-        rows = torch.zeros(ffn, dtype=torch.bool)
-        rows[torch.randperm(ffn, generator=gen)[: round(target * ffn)]] = True
-        masks |= {
-            f"layer{i}_heads": keep,
-            f"layer{i}_attn_out": torch.ones(hidden, dtype=torch.bool),
-            f"layer{i}_ffn_in": rows,
-            f"layer{i}_ffn_out": torch.ones(hidden, dtype=torch.bool),
-        }
-    return masks
+SPREAD = (-2, -1, 0, 1, 2, 0, 1, -1, 2, -2, 0, 0)  # per-layer head offsets, summing to 0
 
 
-def write_masked(folder: Path, target: float, seed: int) -> float:
+def write_target(folder: Path, target: float, seed: int) -> float:
     torch.manual_seed(seed)
-    cfg = BertConfig(num_labels=2)  # bert-base shape
-    model = BertForSequenceClassification(cfg).eval()
+    model = BertForSequenceClassification(BertConfig(num_labels=2)).eval()  # bert-base shape
     geo = geometry(model)
-    masks = masks_for(target, geo.num_layers, geo.num_heads, geo.intermediate, geo.hidden, seed)
-    scores = MaskScores(geo)
-    scores.fixed = {k: v.float() for k, v in masks.items()}
-    attach(layer_linears(model), scores)
-    detach_masks(layer_linears(model))
-    model.save_pretrained(folder)
-    for name in TOKENIZER_FILES:
-        src = embedded_default_dir() / name
-        if src.exists():
-            (folder / name).write_bytes(src.read_bytes())
-    manifest = build_manifest(model, masks, {"task": "sst2", "target": target})
-    save_masks(folder / MASKS_FILE, masks, geo)
-    write_json(folder / MANIFEST_FILE, manifest)
-    write_json(folder / "mlpruning.json", {"task": "sst2", "kind": "masked"})
-    return manifest["remaining_ratio"]
+    mean = round(target * geo.num_heads)
+    heads = [max(1, min(geo.num_heads, mean + d)) for d in SPREAD[: geo.num_layers]]
+    ffn_share = (target - sum(heads) / len(heads) / (3 * geo.num_heads)) * 1.5
+    masks = random_masks(geo, heads, ffn_share, seed=seed)
+    return write_masked(model, masks, folder, "sst2", {"target": target})["remaining_ratio"]
+
+
+def parity(masked: Path, opt: Path, seed: int = 0) -> float:
+    model, _, _ = load_masked(masked)
+    session = ort.InferenceSession(str(opt / "model.onnx"), providers=["CPUExecutionProvider"])
+    gen, worst = torch.Generator().manual_seed(seed), 0.0
+    for batch, seq in ((1, 128), (4, 77)):
+        ids = torch.randint(1000, 9000, (batch, seq), generator=gen)
+        mask = torch.ones_like(ids)
+        mask[-1, seq // 2 :] = 0
+        inputs = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+        with torch.no_grad():
+            want = model(**inputs).logits.numpy()
+        got = session.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
+        worst = max(worst, float(np.abs(got - want).max()))
+    return worst
 
 
 def cli(*args: str) -> str:
@@ -79,16 +65,52 @@ def cli(*args: str) -> str:
     return proc.stdout
 
 
+def speedup(model: Path, baseline: Path, threads: int, report: Path) -> float:
+    cli(
+        "bench",
+        str(model),
+        "--baseline",
+        str(baseline),
+        "--batch",
+        "1",
+        "--seq",
+        "128",
+        "--threads",
+        str(threads),
+        "--report",
+        str(report),
+    )
+    return json.loads(report.read_text())["points"][0]["speedup_median"]
+
+
+def compare_dynamo(base: Path, threads: int) -> dict[str, float]:
+    """The same weights exported by dynamo, dense and stripped, timed against the TorchScript ones."""
+    cli("export", str(base / "masked"), "--out", str(base / "dyn-onnx"), "--exporter", "dynamo")
+    cli("optimize", str(base / "dyn-onnx"), "--out", str(base / "dyn-opt"))
+    return {
+        "torchscript_vs_dynamo_dense": speedup(
+            base / "onnx", base / "dyn-onnx", threads, base / "ts-vs-dyn-dense.json"
+        ),
+        "torchscript_vs_dynamo_stripped": speedup(
+            base / "opt", base / "dyn-opt", threads, base / "ts-vs-dyn-opt.json"
+        ),
+        "dynamo_parity_max_abs_diff": parity(base / "masked", base / "dyn-opt"),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/strip-speed"))
     parser.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.3, 0.2])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--compare-dynamo", action="store_true", help="also time dynamo exports vs TorchScript"
+    )
     args = parser.parse_args()
     rows = []
     for target in args.targets:
         base = args.out / f"r{target}"
-        ratio = write_masked(base / "masked", target, seed=0)
+        ratio = write_target(base / "masked", target, seed=0)
         cli("export", str(base / "masked"), "--out", str(base / "onnx"))
         cli("optimize", str(base / "onnx"), "--out", str(base / "opt"))
         cli(
@@ -113,8 +135,11 @@ def main() -> None:
                 "dense_p50_ms": point["baseline"]["p50_ms"],
                 "stripped_p50_ms": point["model"]["p50_ms"],
                 "speedup_median": point["speedup_median"],
+                "parity_max_abs_diff": parity(base / "masked", base / "opt"),
             }
         )
+        if args.compare_dynamo:
+            rows[-1] |= compare_dynamo(base, args.threads)
         print(json.dumps(rows[-1]), flush=True)
     write_json(args.out / "summary.json", rows)
 

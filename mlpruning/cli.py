@@ -30,6 +30,7 @@ from mlpruning.cli_common import (
     app,
     echo_err,
     set_threads,
+    spread_list_flags,
     stderr_console,
 )
 from mlpruning.errors import UserError
@@ -259,7 +260,7 @@ from mlpruning import cli_onnx  # noqa: E402, F401
 def main() -> None:
     """Console-script entry point: one-line errors, exit 2 for user errors."""
     try:
-        app()
+        app(args=spread_list_flags(sys.argv[1:]))
     except UserError as exc:
         echo_err(str(exc))
         sys.exit(2)

@@ -60,3 +60,27 @@ def _root(
     if version:
         typer.echo(f"mlpruning {__version__}")
         raise typer.Exit()
+
+
+LIST_FLAGS = ("--batch", "--seq")
+
+
+def spread_list_flags(argv: list[str]) -> list[str]:
+    """``--batch 1 8`` -> ``--batch 1 --batch 8``: click options take one value per flag.
+
+    Only the flags in ``LIST_FLAGS`` are spread, and only over the integers that follow them.
+    """
+    out: list[str] = []
+    flag, first_value_seen = None, False
+    for arg in argv:
+        if flag and first_value_seen and arg.replace(",", "").isdigit():
+            out += [flag, arg]
+            continue
+        out.append(arg)
+        if arg in LIST_FLAGS:
+            flag, first_value_seen = arg, False
+        elif flag and not first_value_seen:
+            first_value_seen = True  # the flag's own value, whatever it is: click checks it
+        else:
+            flag = None
+    return out

@@ -44,7 +44,8 @@ def test_bad_bench_input(stripped, tmp_path):
         "--batch",
         "1",
         "--seq",
-        "8,16",
+        "8",
+        "16",
         "--rounds",
         "1",
         "--iters",
@@ -53,4 +54,22 @@ def test_bad_bench_input(stripped, tmp_path):
         str(out),
     )
     assert proc.returncode == 0, proc.stderr
-    assert [p["seq"] for p in json.loads(out.read_text())["points"]] == [8, 16]
+    assert [p["seq"] for p in json.loads(out.read_text())["points"]] == [8, 16]  # "--seq 8 16" form
+
+
+def test_list_flags_take_spaces_commas_or_repeats():
+    from mlpruning.cli_common import spread_list_flags
+
+    argv = ["bench", "m", "--batch", "1", "8", "--seq", "128,384", "--threads", "2"]
+    assert spread_list_flags(argv) == [
+        "bench",
+        "m",
+        "--batch",
+        "1",
+        "--batch",
+        "8",
+        "--seq",
+        "128,384",
+        "--threads",
+        "2",
+    ]
