@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from graph_passes.ort_fusion import DISABLED_AT_LOAD
 from mlpruning import __version__
 from mlpruning.errors import UserError
 
@@ -56,7 +57,9 @@ def _session(folder: Path, threads: int) -> Any:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        str(path), options, providers=["CPUExecutionProvider"], disabled_optimizers=DISABLED_AT_LOAD
+    )
 
 
 def _inputs(session: Any, batch: int, seq: int, rng: np.random.Generator) -> dict[str, np.ndarray]:

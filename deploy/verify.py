@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from graph_passes.ort_fusion import DISABLED_AT_LOAD
 from mlpruning.errors import UserError
 
 ONNX_FILE = "model.onnx"
@@ -62,7 +63,9 @@ def _session(folder: Path) -> Any:
 
     if not (folder / ONNX_FILE).is_file():
         raise UserError(f"{folder} has no {ONNX_FILE}: pass a folder written by export or optimize")
-    return ort.InferenceSession(str(folder / ONNX_FILE), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        str(folder / ONNX_FILE), providers=["CPUExecutionProvider"], disabled_optimizers=DISABLED_AT_LOAD
+    )
 
 
 def _onnx_logits(session: Any, batch: dict[str, Any]) -> np.ndarray:

@@ -21,6 +21,7 @@ import onnx_ir.external_data
 import onnx_ir.passes.common
 
 from graph_passes.detect import DETECTED_KIND, detect_manifest
+from graph_passes.ort_fusion import fuse_if_faster
 from graph_passes.scatter_rows import ScatterRowsPass
 from graph_passes.strip_heads import StripHeadsPass
 from graph_passes.strip_rows import StripRowsPass
@@ -67,13 +68,18 @@ def read_folder(folder: Path, num_heads: int | None = None) -> tuple[ir.Model, d
 
 
 def optimize(
-    folder: Path, out: Path, num_heads: int | None = None, scatter_rows: str = "auto"
+    folder: Path,
+    out: Path,
+    num_heads: int | None = None,
+    scatter_rows: str = "auto",
+    ort_fusion: bool = False,
 ) -> dict[str, Any]:
     """Strip heads and rows of ``folder/model.onnx`` into ``out``; returns the report.
 
     Without ``pruning.json`` in ``folder`` the manifest is detected from the weight zeros (and
     written to ``out`` so later stages read the same one); ``num_heads`` helps when the folder
     has no ``config.json`` either. ``scatter_rows``: auto, dense or scatter (see scatter_rows).
+    ``ort_fusion``: try ONNX Runtime's transformer fusions and keep them if faster (ort_fusion).
     """
     model, manifest = read_folder(folder, num_heads)
     passes = [StripHeadsPass(manifest), StripRowsPass(manifest), ScatterRowsPass(manifest, scatter_rows)]
@@ -86,8 +92,15 @@ def optimize(
         "manifest": manifest.get("kind", "masked"),
         "passes": [p.report.to_json() for p in passes],
     }
+    fused = None
+    if ort_fusion:
+        proto, report["ort_fusion"] = fuse_if_faster(ir.serde.serialize_model(model))
+        fused = proto if report["ort_fusion"]["kept"] else None
     with staging_dir(out) as tmp:
-        ir.save(model, tmp / ONNX_FILE)
+        if fused is not None:
+            onnx.save(fused, tmp / ONNX_FILE)
+        else:
+            ir.save(model, tmp / ONNX_FILE)
         for name in _CARRIED:
             if (folder / name).is_file():
                 shutil.copy(folder / name, tmp / name)

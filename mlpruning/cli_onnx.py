@@ -46,6 +46,9 @@ def optimize(
         str,
         typer.Option(help="O/FFN-out pruned output rows: auto (timed here), dense or scatter."),
     ] = "auto",
+    ort_fusion: Annotated[
+        bool, typer.Option("--ort-fusion", help="Try ONNX Runtime's fusions; kept only if measured faster.")
+    ] = False,
 ) -> None:
     """Physically strip pruned heads and FFN rows from an exported model (torch-free passes)."""
     from graph_passes.optimize import optimize as run_passes
@@ -55,7 +58,7 @@ def optimize(
         raise UserError(f"model folder {model_dir} does not exist: check the path")
     if scatter_rows not in SCATTER_MODES:
         raise UserError(f"--scatter-rows {scatter_rows}: use one of {', '.join(SCATTER_MODES)}")
-    report = run_passes(model_dir, out, num_heads, scatter_rows)
+    report = run_passes(model_dir, out, num_heads, scatter_rows, ort_fusion)
     typer.echo(json.dumps({"out": str(out), **report}, indent=2))
 
 

@@ -184,3 +184,12 @@ def test_dynamo_export_strips_like_torchscript(awkward, tmp_path):
     ts = optimize(awkward / "onnx", tmp_path / "tsopt", scatter_rows="scatter")
     assert [p["params_after"] for p in dyn["passes"]] == [p["params_after"] for p in ts["passes"]]
     assert _max_diff(awkward, tmp_path / "dynopt") <= 1e-4
+
+
+def test_ort_fusion_is_measured_and_reported(awkward, tmp_path):
+    report = optimize(awkward / "onnx", tmp_path / "opt", scatter_rows="dense", ort_fusion=True)
+    fusion = report["ort_fusion"]
+    assert fusion["max_abs_diff"] <= 1e-4 and fusion["speedup_median"] > 0
+    assert fusion["kept"] == (fusion["speedup_median"] >= 1.05)
+    assert "vs unfused" in fusion["reason"]
+    assert _max_diff(awkward, tmp_path / "opt") <= 1e-4  # fused or not, the model is exact

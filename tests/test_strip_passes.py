@@ -20,17 +20,19 @@ from pipeline.pruning.checkpoint import load_masked
 
 
 def test_structure_and_counts(masked, stripped, tmp_path):
-    report = optimize(stripped / "onnx", tmp_path / "opt")
+    report = optimize(stripped / "onnx", tmp_path / "opt", scatter_rows="dense")
     manifest = json.loads((stripped / "onnx" / "pruning.json").read_text())
-    heads, rows = report["passes"]
+    heads, rows, scatter = report["passes"]
     pruned_head_layers = sum(1 for layer in manifest["layers"] if layer["num_heads_kept"] < 8)
     pruned_row_layers = sum(1 for layer in manifest["layers"] if layer["ffn_rows_kept"] < 256)
     assert heads["rewrites"] == pruned_head_layers > 0
     assert rows["rewrites"] == pruned_row_layers > 0
     assert rows["params_before"] == heads["params_after"]  # the passes run in sequence
     assert rows["params_after"] < rows["params_before"] < heads["params_before"]
+    assert scatter["rewrites"] == 0 and scatter["skipped"]  # output rows were pruned, left dense
     model = ir.load(tmp_path / "opt" / "model.onnx")
     sites = find_linears(model, manifest)
+    assert _explicit_head_counts(model) == [n for i in manifest["layers"] for n in [i["num_heads_kept"]] * 3]
     for layer, info in enumerate(manifest["layers"]):
         width = info["num_heads_kept"] * 8
         for name in ("query", "key", "value"):
