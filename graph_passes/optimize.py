@@ -1,11 +1,11 @@
-"""Run the strip passes over an exported model folder and write the optimized folder.
+"""Run the graph passes over an exported model folder and write the optimized folder.
 
-Order: strip heads, strip rows, scatter output rows. The manifest is the folder's ``pruning.json`` or, for
-models pruned elsewhere, one detected from the weight zeros (:mod:`graph_passes.detect`).
-After every pass the model is serialized and must pass ``onnx.checker`` with full shape
-inference; a failure names the pass. The report (also written as ``optimize.json``) lists, per
-pass, the rewrites, the parameters of the prunable linears before and after, and the reasons
-anything was skipped.
+Order: strip heads, strip rows, block-sparse linears, scatter output rows. The manifest is the
+folder's ``pruning.json`` or, for models pruned elsewhere, one detected from the weight zeros
+(:mod:`graph_passes.detect`). After every pass the model is serialized and must pass
+``onnx.checker`` with full shape inference; a failure names the pass. The report (also written
+as ``optimize.json``) lists, per pass, the rewrites, the parameters of the prunable linears
+before and after, the reasons anything was skipped, and the measured choices.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import onnx_ir as ir
 import onnx_ir.external_data
 import onnx_ir.passes.common
 
+from graph_passes.block_pass import BlockSparsePass
 from graph_passes.detect import DETECTED_KIND, detect_manifest
 from graph_passes.ort_fusion import fuse_if_faster
 from graph_passes.scatter_rows import ScatterRowsPass
@@ -73,6 +74,7 @@ def optimize(
     num_heads: int | None = None,
     scatter_rows: str = "auto",
     ort_fusion: bool = False,
+    block_sparse: str = "auto",
 ) -> dict[str, Any]:
     """Strip heads and rows of ``folder/model.onnx`` into ``out``; returns the report.
 
@@ -80,9 +82,15 @@ def optimize(
     written to ``out`` so later stages read the same one); ``num_heads`` helps when the folder
     has no ``config.json`` either. ``scatter_rows``: auto, dense or scatter (see scatter_rows).
     ``ort_fusion``: try ONNX Runtime's transformer fusions and keep them if faster (ort_fusion).
+    ``block_sparse``: auto, dense or sparse for block-pruned matrices (see block_pass).
     """
     model, manifest = read_folder(folder, num_heads)
-    passes = [StripHeadsPass(manifest), StripRowsPass(manifest), ScatterRowsPass(manifest, scatter_rows)]
+    passes = [
+        StripHeadsPass(manifest),
+        StripRowsPass(manifest),
+        BlockSparsePass(manifest, block_sparse),
+        ScatterRowsPass(manifest, scatter_rows),
+    ]
     for p in passes:
         p(model)
         ir.passes.common.RemoveUnusedNodesPass()(model)  # Identity nodes a rewrite bypassed

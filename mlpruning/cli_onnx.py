@@ -49,8 +49,12 @@ def optimize(
     ort_fusion: Annotated[
         bool, typer.Option("--ort-fusion", help="Try ONNX Runtime's fusions; kept only if measured faster.")
     ] = False,
+    block_sparse: Annotated[
+        str, typer.Option(help="Block-pruned matrices: auto (timed here), dense or sparse.")
+    ] = "auto",
 ) -> None:
     """Physically strip pruned heads and FFN rows from an exported model (torch-free passes)."""
+    from graph_passes.block_pass import MODES as BLOCK_MODES
     from graph_passes.optimize import optimize as run_passes
     from graph_passes.scatter_rows import MODES as SCATTER_MODES
 
@@ -58,7 +62,9 @@ def optimize(
         raise UserError(f"model folder {model_dir} does not exist: check the path")
     if scatter_rows not in SCATTER_MODES:
         raise UserError(f"--scatter-rows {scatter_rows}: use one of {', '.join(SCATTER_MODES)}")
-    report = run_passes(model_dir, out, num_heads, scatter_rows, ort_fusion)
+    if block_sparse not in BLOCK_MODES:
+        raise UserError(f"--block-sparse {block_sparse}: use one of {', '.join(BLOCK_MODES)}")
+    report = run_passes(model_dir, out, num_heads, scatter_rows, ort_fusion, block_sparse)
     typer.echo(json.dumps({"out": str(out), **report}, indent=2))
 
 

@@ -73,7 +73,10 @@ def _module_ops(path: Path, fragment: str) -> list[str]:
 
 def test_empty_layers_collapse_to_bias_and_heads_become_explicit(awkward, tmp_path):
     report = optimize(awkward / "onnx", tmp_path / "opt", scatter_rows="dense")
-    heads, rows, scatter = report["passes"]
+    heads, rows, blocks, scatter = report["passes"]
+    assert blocks["rewrites"] == 0 and blocks["skipped"] == [
+        "manifest has no block masks (step-1 checkpoint)"
+    ]
     assert heads["notes"] == ["layer 1: no head kept, attention replaced by + O bias"]
     assert rows["notes"] == ["layer 2: no FFN row kept, FFN replaced by + FFN-out bias"]
     assert scatter["rewrites"] == 0 and len(scatter["skipped"]) == 4  # O of layers 0, 2; FFN-out of 0, 1
@@ -88,7 +91,7 @@ def test_empty_layers_collapse_to_bias_and_heads_become_explicit(awkward, tmp_pa
 
 def test_scattered_output_rows_are_exact_and_smaller(awkward, tmp_path):
     report = optimize(awkward / "onnx", tmp_path / "opt", scatter_rows="scatter")
-    scatter = report["passes"][2]
+    scatter = report["passes"][3]
     assert scatter["rewrites"] == 4 and scatter["params_after"] < scatter["params_before"]
     sites = find_linears(
         ir.load(tmp_path / "opt" / "model.onnx"), json.loads((awkward / "onnx" / "pruning.json").read_text())

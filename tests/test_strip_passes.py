@@ -22,7 +22,7 @@ from pipeline.pruning.checkpoint import load_masked
 def test_structure_and_counts(masked, stripped, tmp_path):
     report = optimize(stripped / "onnx", tmp_path / "opt", scatter_rows="dense")
     manifest = json.loads((stripped / "onnx" / "pruning.json").read_text())
-    heads, rows, scatter = report["passes"]
+    heads, rows, _, scatter = report["passes"]
     pruned_head_layers = sum(1 for layer in manifest["layers"] if layer["num_heads_kept"] < 8)
     pruned_row_layers = sum(1 for layer in manifest["layers"] if layer["ffn_rows_kept"] < 256)
     assert heads["rewrites"] == pruned_head_layers > 0
