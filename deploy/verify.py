@@ -149,8 +149,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         state = "ok  " if r["passed"] else "FAIL"
         lines.append(
             f"{state} {r['stage']}: max abs {r['max_abs']:.2e}, p99 {r['p99_abs']:.2e}, "
-            f"max rel {r['max_rel']:.2e}; passes with atol {r['atol_that_passes']:.1e} "
-            f"or rtol {r['rtol_that_passes']:.1e}"
+            f"max rel {r['max_rel']:.2e}; would pass with atol >= {r['atol_that_passes']:.1e} at the "
+            f"given rtol, or rtol >= {r['rtol_that_passes']:.1e} at the given atol"
         )
     m = report["metric"]
     lines.append(

@@ -88,3 +88,5 @@ def test_export_errors(tiny_bert, tmp_path):
     with pytest.raises(UserError, match="neither a masked checkpoint nor a fine-tuned one"):
         export_onnx(tiny_bert, tmp_path / "out")
     assert not (tmp_path / "out" / "model.onnx").exists()
+    with pytest.raises(UserError, match="unknown exporter 'onnxscript': use one of torchscript, dynamo"):
+        export_onnx(tiny_bert, tmp_path / "out", exporter="onnxscript")
