@@ -156,6 +156,28 @@ def _init_distributed() -> bool:
 @app.command()
 def prune(
     out: Annotated[Path, typer.Option("--out", help="Output folder for the masked checkpoint.")],
+    step: Annotated[
+        str | None,
+        typer.Option("--step", help="head_row (step 1, default) or block (step 2, needs --from)."),
+    ] = None,
+    from_: Annotated[
+        Path | None, typer.Option("--from", help="Step 2: the step-1 checkpoint to block-prune.")
+    ] = None,
+    block: Annotated[
+        str | None, typer.Option("--block", help="Step 2: block size, 32 or 32x16 (rows x cols) [32].")
+    ] = None,
+    row_balanced: Annotated[
+        bool | None,
+        typer.Option(
+            "--row-balanced/--no-row-balanced", help="Step 2: same kept-block count in every block-row."
+        ),
+    ] = None,
+    target_of: Annotated[
+        str | None, typer.Option("--target-of", help="Step 2: --target is a share of 'step1' or 'original'.")
+    ] = None,
+    revive_from: Annotated[
+        str | None, typer.Option("--revive-from", help="Step 2: weights of revived rows [step 1's init].")
+    ] = None,
     teacher: Annotated[str | None, typer.Option("--teacher", help="Fine-tuned dense teacher folder.")] = None,
     task: TaskOpt = None,
     target: Annotated[
@@ -184,14 +206,14 @@ def prune(
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """MLPruning step 1: prune heads and rows to --target, distilled from --teacher."""
-    from pipeline.config import PruneConfig, build_config
+    """MLPruning: step 1 prunes heads and rows to --target, distilled from --teacher; --step block
+    prunes blocks of a step-1 checkpoint (--from) to --target of what it kept, distilled from it."""
+    from pipeline.config import BlockPruneConfig, PruneConfig, build_config, prune_step
 
+    step = prune_step(config, step)
     overrides = {
-        "teacher": teacher,
         "task": task,
         "target": target,
-        "student": student,
         "epochs": epochs,
         "batch_size": batch_size,
         "learning_rate": lr,
@@ -202,23 +224,47 @@ def prune(
         "max_train_examples": max_train_examples,
         "data_dir": str(data_dir) if data_dir else None,
     }
-    cfg = build_config(PruneConfig, "prune", config, overrides, required=("teacher", "task", "target"))
-    if not Path(cfg.teacher).is_dir():
-        raise UserError(f"teacher folder {cfg.teacher} does not exist: pass the output of mlpruning finetune")
+    step1_only = {"--teacher": teacher, "--student": student}
+    step2_only = {"--from": from_, "--block": block, "--row-balanced": row_balanced, "--target-of": target_of}
+    step2_only["--revive-from"] = revive_from
+    wrong = [k for k, v in (step1_only if step == "block" else step2_only).items() if v is not None]
+    if wrong and step == "block":
+        raise UserError(
+            f"{wrong[0]} is for step 1: with --step block the step-1 checkpoint (--from) is the teacher"
+        )
+    if wrong:
+        raise UserError(f"{wrong[0]} is for block pruning: add --step block")
+    if step == "block":
+        extra = {"source": str(from_) if from_ else None, "block": block, "row_balanced": row_balanced}
+        overrides |= {**extra, "target_of": target_of, "revive_from": revive_from}
+        flags = {"source": "--from"}
+        cfg = build_config(
+            BlockPruneConfig, "prune", config, overrides, ("source", "target"), ("step",), flags
+        )
+    else:
+        overrides |= {"teacher": teacher, "student": student}
+        required = ("teacher", "task", "target")
+        cfg = build_config(PruneConfig, "prune", config, overrides, required, ("step",))
+        if not Path(cfg.teacher).is_dir():
+            raise UserError(
+                f"teacher folder {cfg.teacher} does not exist: pass the output of mlpruning finetune"
+            )
     main_rank = _init_distributed()
     set_threads(threads)
     from pipeline.progress import TrainProgress
+    from pipeline.pruning.block_pruner import BlockPruner
     from pipeline.pruning.pruner import Pruner
     from pipeline.pruning.summary import format_table, structure
     from pipeline.trainloop import Interrupted, check_out_dir
 
     check_out_dir(out, resume, overwrite)
     console = stderr_console()
-    runner = Pruner(cfg, out, TrainProgress(enabled=main_rank and not quiet, console=console), device=device)
+    runner_cls = BlockPruner if step == "block" else Pruner
+    runner = runner_cls(
+        cfg, out, TrainProgress(enabled=main_rank and not quiet, console=console), device=device
+    )
     if main_rank and not quiet:
-        student = cfg.student or cfg.teacher
-        steps = runner.total_steps
-        console.print(f"pruning {student} on {cfg.task} to r* = {cfg.target}: {steps} steps -> {out}")
+        console.print(f"{runner.headline()} -> {out}")
     try:
         result = runner.run(resume=resume)
     except Interrupted as exc:
@@ -230,12 +276,8 @@ def prune(
     if main_rank:
         manifest = json.loads((out / "pruning.json").read_text())
         console.print(format_table(structure(manifest)))
-        typer.echo(
-            json.dumps(
-                {"out": str(out), **result.to_json(), "remaining_ratio": manifest["remaining_ratio"]},
-                indent=2,
-            )
-        )
+        ratios = {k: manifest[k] for k in ("remaining_ratio", "remaining_ratio_of_step1") if k in manifest}
+        typer.echo(json.dumps({"out": str(out), **result.to_json(), **ratios}, indent=2))
 
 
 @app.command()

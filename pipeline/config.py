@@ -79,15 +79,27 @@ def from_mapping(cls: type[T], values: dict[str, Any], source: str) -> T:
 
 
 def build_config(
-    cls: type[T], section: str, path: Path | None, overrides: dict[str, Any], required: tuple[str, ...]
+    cls: type[T],
+    section: str,
+    path: Path | None,
+    overrides: dict[str, Any],
+    required: tuple[str, ...],
+    drop: tuple[str, ...] = (),
+    flags: dict[str, str] | None = None,
 ) -> T:
-    """A config from an optional TOML table, overridden by the CLI options that were given."""
+    """A config from an optional TOML table, overridden by the CLI options that were given.
+
+    ``drop`` names TOML keys read elsewhere (the pruning ``step``), not fields of ``cls``;
+    ``flags`` names the CLI option of a field whose flag is not ``--field-name``.
+    """
     values = load_toml(path, section) if path else {}
+    for key in drop:
+        values.pop(key, None)
     values.update({k: v for k, v in overrides.items() if v is not None})
     missing = [k for k in required if k not in values]
     if missing:
-        flags = ", ".join("--" + m.replace("_", "-") for m in missing)
-        raise UserError(f"missing {flags}: pass them or set them in the [{section}] table of --config")
+        names = ", ".join((flags or {}).get(m, "--" + m.replace("_", "-")) for m in missing)
+        raise UserError(f"missing {names}: pass them or set them in the [{section}] table of --config")
     return from_mapping(cls, values, str(path) if path else "options")
 
 
@@ -142,20 +154,100 @@ class PruneConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "task", get_task(self.task).name)
-        _check(0 < self.target <= 1, "target", "in (0, 1]", self.target)
-        _check_training(self)
-        _check(0 < self.mask_learning_rate < 10, "mask_learning_rate", "in (0, 10)", self.mask_learning_rate)
-        _check(self.lambda_final >= 0, "lambda_final", ">= 0", self.lambda_final)
-        _check(self.lambda_min >= 0 and self.lambda_settled >= 0, "lambda_min", ">= 0", self.lambda_min)
-        _check(
-            self.threshold_init > 0,
-            "threshold_init",
-            "> 0 (keep everything at the start)",
-            self.threshold_init,
-        )
-        _check(self.temperature > 0, "temperature", "> 0", self.temperature)
-        for name in ("alpha_distil", "alpha_ce", "hidden_weight", "attention_weight"):
-            _check(getattr(self, name) >= 0, name, ">= 0", getattr(self, name))
+        _check_pruning(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_pruning(cfg: Any) -> None:
+    """Fields both pruning steps share."""
+    _check(0 < cfg.target <= 1, "target", "in (0, 1]", cfg.target)
+    _check_training(cfg)
+    _check(0 < cfg.mask_learning_rate < 10, "mask_learning_rate", "in (0, 10)", cfg.mask_learning_rate)
+    _check(cfg.lambda_final >= 0, "lambda_final", ">= 0", cfg.lambda_final)
+    _check(cfg.lambda_min >= 0 and cfg.lambda_settled >= 0, "lambda_min", ">= 0", cfg.lambda_min)
+    _check(cfg.threshold_init > 0, "threshold_init", "> 0 (keep everything at the start)", cfg.threshold_init)
+    _check(cfg.temperature > 0, "temperature", "> 0", cfg.temperature)
+    for name in ("alpha_distil", "alpha_ce", "hidden_weight", "attention_weight"):
+        _check(getattr(cfg, name) >= 0, name, ">= 0", getattr(cfg, name))
+
+
+PRUNE_STEPS = ("head_row", "block")
+
+
+def parse_block(text: str | int) -> tuple[int, int]:
+    """'32' -> (32, 32); '32x16' -> (32, 16), as (rows, columns) of the torch weight [out, in]."""
+    parts = str(text).lower().split("x")
+    if len(parts) not in (1, 2) or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"block must be N or NxM (rows x columns), got {text!r}")
+    sides = tuple(int(p) for p in parts)
+    _check(all(1 <= s <= 1024 for s in sides), "block", "N or NxM with sides in [1, 1024]", text)
+    return (sides[0], sides[-1])
+
+
+def prune_step(path: Path | None, step: str | None) -> str:
+    """The pruning step: ``--step`` if given, else ``step`` in the [prune] table, else head_row."""
+    chosen = step or (load_toml(path, "prune").get("step") if path else None) or "head_row"
+    chosen = str(chosen).replace("-", "_")
+    if chosen not in PRUNE_STEPS:
+        raise UserError(f"unknown pruning step '{chosen}': use head_row (step 1) or block (step 2)")
+    return chosen
+
+
+@dataclass(frozen=True)
+class BlockPruneConfig:
+    """Step 2 of MLPruning: block pruning of a step-1 checkpoint, distilled from it.
+
+    ``target`` is the remaining share of what step 1 kept (``target_of = "step1"``) or of the
+    original encoder (``"original"``). ``block`` is N (N x N) or NxM, rows x columns of the
+    torch weight [out, in]. Training defaults are those of step 1.
+    """
+
+    source: str  # the step-1 masked checkpoint: student start and teacher
+    target: float
+    target_of: str = "step1"
+    block: str = "32"
+    row_balanced: bool = False
+    task: str | None = None  # default: the step-1 checkpoint's
+    revive_from: str | None = None  # weights of revived rows; default: step 1's student_init
+    epochs: float = 3.0
+    batch_size: int = 32
+    learning_rate: float = 5e-5
+    mask_learning_rate: float = 1e-2
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.06
+    max_grad_norm: float = 1.0
+    max_length: int = 128
+    lambda_final: float = 20000.0
+    lambda_min: float = 50.0
+    lambda_settled: float = 10.0
+    settled_gap: float = 3e-4
+    threshold_init: float = 10.0
+    score_init: float = 0.0
+    alpha_distil: float = 0.9
+    alpha_ce: float = 0.1
+    temperature: float = 2.0
+    hidden_weight: float = 1.0
+    attention_weight: float = 1.0
+    freeze_embeddings: bool = True
+    seed: int = 42
+    save_every: int = 200
+    max_train_examples: int | None = None
+    data_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.task is not None:
+            object.__setattr__(self, "task", get_task(self.task).name)
+        _check(bool(str(self.source).strip()), "source", "a step-1 checkpoint folder", self.source)
+        _check(self.target_of in ("step1", "original"), "target_of", "step1 or original", self.target_of)
+        bo, bi = parse_block(self.block)
+        object.__setattr__(self, "block", f"{bo}x{bi}")  # one spelling, so resume compares equal
+        _check_pruning(self)
+
+    @property
+    def block_shape(self) -> tuple[int, int]:
+        return parse_block(self.block)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

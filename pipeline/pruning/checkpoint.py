@@ -5,14 +5,23 @@ A masked checkpoint is a folder with
 - ``config.json``, ``model.safetensors``, tokenizer files: a plain Hugging Face checkpoint at
   full size, pruned entries set to zero (loads with ``from_pretrained``, HF keys unchanged);
 - ``masks.safetensors``: boolean masks per layer, ``layer.{i}.heads`` [H],
-  ``layer.{i}.attn_out`` [D], ``layer.{i}.ffn_in`` [I], ``layer.{i}.ffn_out`` [D];
-- ``pruning.json``: format version, step, task, base model, teacher, config, geometry, module
-  paths, per-layer kept heads (indices) and rows, per-matrix kept counts, remaining ratio,
-  tool version.
+  ``layer.{i}.attn_out`` [D], ``layer.{i}.ffn_in`` [I], ``layer.{i}.ffn_out`` [D]; after step 2
+  also ``layer.{i}.{matrix}.blocks`` [R / b_out, C / b_in] for each of query, key, value,
+  attn_out, ffn_in, ffn_out, in the compact coordinates of :mod:`pipeline.pruning.blocks`;
+- ``scores.safetensors`` (step 1, float32, same unit keys): the final step-1 scores, which step 2
+  uses to choose the rows it revives;
+- ``pruning.json``: format version, step (``head_row`` or ``block``), task, base model, teacher,
+  config, geometry, module paths, per-layer kept heads (indices) and rows, per-matrix kept
+  counts, remaining ratio, tool version; after step 2 also per layer ``blocks`` (per matrix:
+  block, mask shape and key, kept / live / total blocks, kept block columns per block-row).
+
+Format 2 added the block entries; format-1 files are read with ``step = "head_row"``,
+``block = None`` and ``row_balanced = False`` back-filled.
 
 Loading verifies the contract: every weight entry a mask switches off must be zero (rows of Q,
 K, V of pruned heads; O's columns of pruned heads and its pruned rows; pruned FFN-in rows and
-the matching FFN-out columns; pruned FFN-out rows). The first tensor that disagrees is named.
+the matching FFN-out columns; pruned FFN-out rows; every entry of a pruned block). The first
+tensor that disagrees is named.
 """
 
 from __future__ import annotations
@@ -28,31 +37,52 @@ from safetensors.torch import load_file, save_file
 from mlpruning import __version__
 from mlpruning.errors import UserError
 from pipeline.adapters import Geometry, adapter_for, geometry, layer_linears
+from pipeline.pruning.blocks import (
+    MATRICES,
+    block_entry,
+    block_key,
+    has_blocks,
+    kept_weights,
+    nonzero_outside,
+)
 from pipeline.pruning.masks import UNITS, WIRING, mask_sizes
 from pipeline.pruning.regularizer import counted_ratio, layer_weights
 
 MASKS_FILE = "masks.safetensors"
 MANIFEST_FILE = "pruning.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+SCORES_FILE = "scores.safetensors"
 
 
 def masks_to_file_keys(masks: dict[str, torch.Tensor], geo: Geometry) -> dict[str, torch.Tensor]:
-    return {
+    out = {
         f"layer.{i}.{u}": masks[f"layer{i}_{u}"].detach().bool().cpu().contiguous()
         for i in range(geo.num_layers)
         for u in UNITS
     }
+    if has_blocks(masks):
+        for i in range(geo.num_layers):
+            for m in MATRICES:
+                out[f"layer.{i}.{m}.blocks"] = masks[block_key(i, m)].detach().bool().cpu().contiguous()
+    return out
 
 
 def file_keys_to_masks(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in tensors.items():
-        _, i, unit = key.split(".")
-        out[f"layer{i}_{unit}"] = value.bool()
+        parts = key.split(".")
+        if len(parts) == 4 and parts[3] == "blocks":
+            out[block_key(int(parts[1]), parts[2])] = value.bool()
+            continue
+        if len(parts) != 3:
+            raise ValueError(f"unexpected mask key {key!r}")
+        out[f"layer{parts[1]}_{parts[2]}"] = value.bool()
     return out
 
 
-def _matrix_counts(masks: dict[str, torch.Tensor], geo: Geometry, layer: int) -> dict[str, dict[str, int]]:
+def _matrix_counts(
+    masks: dict[str, torch.Tensor], geo: Geometry, layer: int, kept: dict[tuple[int, str], int] | None
+) -> dict[str, dict[str, int]]:
     m = {u: int(masks[f"layer{layer}_{u}"].sum()) for u in UNITS}
     kept_rows = {
         "heads": m["heads"] * geo.head_dim,
@@ -75,7 +105,17 @@ def _matrix_counts(masks: dict[str, torch.Tensor], geo: Geometry, layer: int) ->
         r = kept_rows[wiring.rows] if wiring.rows else rows
         c = kept_rows[wiring.cols] if wiring.cols else cols
         counts[name] = {"rows": r, "cols": c, "kept": r * c, "total": rows * cols}
+    if kept is not None:  # blocks leave fewer weights than rows x cols
+        for name in counts:
+            counts[name]["kept"] = kept[layer, name]
     return counts
+
+
+def remaining_ratio_of(masks: dict[str, torch.Tensor], geo: Geometry) -> float:
+    """Kept share of the encoder weights, from unit masks and (after step 2) block masks."""
+    if has_blocks(masks):
+        return sum(kept_weights(masks, geo).values()) / (geo.num_layers * layer_weights(geo))
+    return counted_ratio(masks, geo)
 
 
 def _indices(mask: torch.Tensor) -> list[int]:
@@ -85,6 +125,7 @@ def _indices(mask: torch.Tensor) -> list[int]:
 def build_manifest(model: Any, masks: dict[str, torch.Tensor], extra: dict[str, Any]) -> dict[str, Any]:
     geo = geometry(model)
     adapter = adapter_for(model.config)
+    kept = kept_weights(masks, geo) if has_blocks(masks) else None
     layers = []
     for i in range(geo.num_layers):
         heads = masks[f"layer{i}_heads"].bool()
@@ -98,13 +139,17 @@ def build_manifest(model: Any, masks: dict[str, torch.Tensor], extra: dict[str, 
                 "attn_out_rows_kept_indices": _indices(masks[f"layer{i}_attn_out"]),
                 "ffn_rows_kept_indices": _indices(masks[f"layer{i}_ffn_in"]),
                 "ffn_out_rows_kept_indices": _indices(masks[f"layer{i}_ffn_out"]),
-                "matrices": _matrix_counts(masks, geo, i),
+                "matrices": _matrix_counts(masks, geo, i, kept),
             }
         )
+        if has_blocks(masks):
+            layers[-1]["blocks"] = {m: block_entry(masks, geo, i, m) for m in MATRICES}
     return {
         "format_version": FORMAT_VERSION,
         "kind": "masked",
         "step": "head_row",
+        "block": None,
+        "row_balanced": False,
         **extra,
         "geometry": geo.__dict__,
         "adapter": {
@@ -113,7 +158,7 @@ def build_manifest(model: Any, masks: dict[str, torch.Tensor], extra: dict[str, 
             "layers": adapter.layers,
             **adapter.linear_paths(),
         },
-        "remaining_ratio": counted_ratio(masks, geo),
+        "remaining_ratio": remaining_ratio_of(masks, geo),
         "encoder_weights_total": geo.num_layers * layer_weights(geo),
         "layers": layers,
         "tool_version": __version__,
@@ -136,6 +181,10 @@ def read_manifest(ckpt: Path) -> dict[str, Any]:
         raise UserError(f"{path} is not valid JSON ({exc.msg}): the checkpoint is corrupt") from None
     if manifest.get("format_version", 0) > FORMAT_VERSION:
         raise UserError(f"{path} has format {manifest['format_version']}: upgrade mlpruning to read it")
+    # format 1 (step 1 only) lacks the step-2 keys
+    manifest.setdefault("step", "head_row")
+    manifest.setdefault("block", None)
+    manifest.setdefault("row_balanced", False)
     return manifest
 
 
@@ -149,22 +198,36 @@ def read_masks(ckpt: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"{path} is unreadable ({exc}): the masked checkpoint is corrupt") from None
 
 
+def _disagree(path: str, bad: int, what: str) -> UserError:
+    return UserError(
+        f"tensor {path} has {bad} non-zero entries where the {what} off: masks and "
+        "weights disagree; re-run mlpruning prune or restore the checkpoint"
+    )
+
+
+def _unit_vectors(masks: dict[str, torch.Tensor], geo: Geometry, layer: int) -> dict[str, torch.Tensor]:
+    vec = {}
+    for u in UNITS:
+        key = f"layer{layer}_{u}"
+        if key not in masks:
+            raise UserError(f"masks have no entry for layer {layer} {u}: masks and model disagree in shape")
+        vec[u] = masks[key].bool()
+        if u == "heads":
+            vec[u] = vec[u].repeat_interleave(geo.head_dim)
+    return vec
+
+
 def check_masks_match(model: Any, masks: dict[str, torch.Tensor]) -> None:
     """Raise a UserError naming the first weight that is non-zero where a mask is off."""
     geo = geometry(model)
     adapter = adapter_for(model.config)
     prefix = f"{model.base_model_prefix}." if model.base_model is not model else ""
+    blocks = has_blocks(masks)
     for i, lin in enumerate(layer_linears(model)):
-        vec = {}
-        for u in UNITS:
-            key = f"layer{i}_{u}"
-            if key not in masks:
-                raise UserError(f"masks have no entry for layer {i} {u}: masks and model disagree in shape")
-            vec[u] = masks[key].bool()
-            if u == "heads":
-                vec[u] = vec[u].repeat_interleave(geo.head_dim)
+        vec = _unit_vectors(masks, geo, i)
         for name, wiring in WIRING.items():
             weight = getattr(lin, name).weight.detach()
+            path = f"{prefix}{adapter.layers}.{i}.{getattr(adapter, name)}.weight"
             off = torch.zeros_like(weight, dtype=torch.bool)
             if wiring.rows:
                 if vec[wiring.rows].numel() != weight.shape[0]:
@@ -176,22 +239,56 @@ def check_masks_match(model: Any, masks: dict[str, torch.Tensor]) -> None:
                 off |= ~vec[wiring.cols][None, :]
             bad = int((weight[off] != 0).sum())
             if bad:
-                path = f"{prefix}{adapter.layers}.{i}.{getattr(adapter, name)}.weight"
-                raise UserError(
-                    f"tensor {path} has {bad} non-zero entries where the masks are off: masks and "
-                    "weights disagree; re-run mlpruning prune or restore the checkpoint"
-                )
+                raise _disagree(path, bad, "masks are")
+            bad = nonzero_outside(weight, masks, geo, i, name) if blocks else 0
+            if bad:
+                raise _disagree(path, bad, f"block mask layer.{i}.{name}.blocks is")
 
 
-def load_masked(ckpt: Path) -> tuple[Any, dict[str, torch.Tensor], dict[str, Any]]:
+def _expected_keys(geo: Geometry, step: str) -> set[str]:
+    keys = set(mask_sizes(geo))
+    if step == "block":
+        keys |= {block_key(i, m) for i in range(geo.num_layers) for m in MATRICES}
+    return keys
+
+
+def load_masked(
+    ckpt: Path, attn_implementation: str | None = None
+) -> tuple[Any, dict[str, torch.Tensor], dict[str, Any]]:
     """Load a masked checkpoint and verify that its weights honour its masks."""
     from pipeline.models import load_for_task
     from pipeline.tasks import get_task
 
     manifest = read_manifest(ckpt)
     masks = read_masks(ckpt)
-    model = load_for_task(str(ckpt), get_task(manifest["task"]))
-    if set(masks) != set(mask_sizes(geometry(model))):
-        raise UserError(f"{ckpt / MASKS_FILE} does not match the model's {geometry(model).num_layers} layers")
+    model = load_for_task(str(ckpt), get_task(manifest["task"]), attn_implementation=attn_implementation)
+    geo = geometry(model)
+    if set(masks) != _expected_keys(geo, manifest["step"]):
+        what = "block and unit masks" if manifest["step"] == "block" else "unit masks"
+        raise UserError(
+            f"{ckpt / MASKS_FILE} does not hold the {what} of the model's {geo.num_layers} layers: "
+            "the checkpoint is corrupt; re-run mlpruning prune"
+        )
     check_masks_match(model, masks)
     return model, masks, manifest
+
+
+def save_scores(path: Path, scores: dict[str, torch.Tensor], geo: Geometry) -> None:
+    """Step-1 unit scores (float32, mask-file keys), so step 2 can revive the next-best rows."""
+    tensors = {
+        f"layer.{i}.{u}": scores[f"layer{i}_{u}"].detach().float().cpu().contiguous()
+        for i in range(geo.num_layers)
+        for u in UNITS
+    }
+    save_file(tensors, str(path), metadata={"format_version": str(FORMAT_VERSION)})
+
+
+def read_scores(ckpt: Path) -> dict[str, torch.Tensor] | None:
+    """Step-1 scores, or None for a checkpoint written before they were saved."""
+    path = ckpt / SCORES_FILE
+    if not path.is_file():
+        return None
+    try:
+        return {f"layer{k.split('.')[1]}_{k.split('.')[2]}": v for k, v in load_file(str(path)).items()}
+    except (SafetensorError, ValueError, OSError, IndexError) as exc:
+        raise UserError(f"{path} is unreadable ({exc}): the masked checkpoint is corrupt") from None

@@ -33,7 +33,14 @@ from pipeline.evaluate import METADATA_FILE, EvalResult, evaluate_encoded, read_
 from pipeline.finetune import labels_tensor, load_task_data, param_groups, versions
 from pipeline.models import load_for_task, load_tokenizer, quiet_transformers, resolve_model
 from pipeline.progress import TrainProgress
-from pipeline.pruning.checkpoint import MANIFEST_FILE, MASKS_FILE, build_manifest, save_masks
+from pipeline.pruning.checkpoint import (
+    MANIFEST_FILE,
+    MASKS_FILE,
+    SCORES_FILE,
+    build_manifest,
+    save_masks,
+    save_scores,
+)
 from pipeline.pruning.distill import DistillWeights, distill_loss
 from pipeline.pruning.masks import MaskScores, attach, detach_masks
 from pipeline.pruning.regularizer import RegTerm, adaptive_regularizer, counted_ratio, remaining_ratio
@@ -71,7 +78,108 @@ def check_same_tokenizer(teacher_dir: str, student_tokenizer: Any, teacher_token
         )
 
 
-class Pruner(TrainLoop):
+class DistilledPruning(TrainLoop):
+    """What both steps share: the distillation step, the regularizer, evaluation and the writer.
+
+    A subclass loads ``teacher``, ``student``, ``tokenizer``, data and a mask module ``scores``
+    (with ``scores``/``thresholds`` parameter dicts and ``freeze``/``unfreeze``), sets
+    ``target_ratio`` (what ``ratio()`` is driven to), then calls :meth:`setup_training`.
+    """
+
+    cfg: Any
+    student: nn.Module
+    teacher: nn.Module
+    scores: nn.Module
+    target_ratio: float
+
+    def ratio(self) -> torch.Tensor:
+        """Differentiable ratio the regularizer drives to ``target_ratio``."""
+        raise NotImplementedError
+
+    def eval_ratios(self, masks: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Ratios counted from frozen masks, added to the eval metrics."""
+        raise NotImplementedError
+
+    def setup_training(self) -> None:
+        cfg = self.cfg
+        self.model = PrunableModel(self.student, self.scores).to(self.device)
+        self.teacher.to(self.device)
+        self.setup_loop(cfg.epochs)
+        groups = param_groups(self.student, cfg.weight_decay)
+        mask_lr = cfg.mask_learning_rate
+        groups.append({"params": list(self.scores.scores.parameters()), "weight_decay": 0.0, "lr": mask_lr})
+        # No momentum on thresholds: the one-sided regularizer stops pulling the moment r < r*,
+        # and with beta1 = 0.9 Adam would carry every threshold ~10 steps past the target.
+        thresholds = list(self.scores.thresholds.parameters())
+        groups.append({"params": thresholds, "weight_decay": 0.0, "lr": mask_lr, "betas": (0.0, 0.999)})
+        self.setup_optimizer(groups)
+        self.ddp_model = wrap_ddp(self.model)
+        self.last_reg: RegTerm | None = None
+
+    def stateful(self) -> dict[str, nn.Module]:
+        return {"model": self.model}
+
+    def regularizer(self) -> RegTerm:
+        cfg, target = self.cfg, self.target_ratio
+        reg = adaptive_regularizer(self.ratio(), target, cfg.lambda_final, cfg.lambda_min)
+        if reg.gap < cfg.settled_gap and target < 1:
+            scale = cfg.lambda_settled / reg.lam if reg.lam else 0.0
+            reg = RegTerm(reg.penalty * scale, reg.ratio, cfg.lambda_settled, reg.gap)
+        return reg
+
+    def train_step(self, indices: np.ndarray) -> tuple[float, int, str]:
+        self.model.train()
+        batch = collate(self.train, indices, self.device)
+        need_attn = self.weights.attention > 0 and self.weights.alpha_distil > 0
+        kwargs = {"output_hidden_states": self.weights.hidden > 0, "output_attentions": need_attn}
+        with torch.no_grad():
+            t_out = self.teacher(**batch, **kwargs)
+        labels = labels_tensor(self.train, indices, self.task.is_regression).to(self.device)
+        s_out = self.ddp_model(**batch, labels=labels, **kwargs)
+        dl = distill_loss(s_out, t_out, s_out.loss, batch["attention_mask"], self.weights)
+        reg = self.regularizer()
+        (dl.total + reg.penalty).backward()
+        self.step_optimizer()
+        self.last_reg = reg
+        parts = " ".join(f"{k} {v:.3f}" for k, v in dl.parts.items())
+        extra = f"[{parts}]  r {reg.ratio:.3f}/{self.target_ratio:.3g}  λ {reg.lam:,.0f}"
+        return float(dl.total.detach()), int(batch["attention_mask"].sum()), extra
+
+    def evaluate(self) -> EvalResult:
+        masks = self.scores.freeze()
+        try:
+            result = evaluate_encoded(self.student, self.task, self.dev, "dev")
+        finally:
+            self.scores.unfreeze()
+        return EvalResult(
+            result.task,
+            result.split,
+            {**result.metrics, **self.eval_ratios(masks)},
+            result.num_examples,
+            result.seconds,
+            result.outputs,
+        )
+
+    def write_checkpoint(
+        self, masks: dict[str, torch.Tensor], manifest: dict[str, Any], evaluation: dict[str, Any]
+    ) -> None:
+        """Masks baked in (``detach_masks`` done): write the folder, ``eval.json`` last."""
+        geo = geometry(self.student)
+        with staging_dir(self.out) as tmp, quiet_transformers():
+            self.student.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            save_masks(tmp / MASKS_FILE, masks, geo)
+            if isinstance(self.scores, MaskScores):  # step 2 revives rows by these
+                save_scores(tmp / SCORES_FILE, dict(self.scores.scores), geo)
+            write_json(tmp / MANIFEST_FILE, manifest)
+            write_json(
+                tmp / METADATA_FILE, {"task": self.task.name, "kind": "masked", "config": self.cfg.to_dict()}
+            )
+            write_summary(manifest, tmp)
+        write_json(self.out / EVAL_FILE, evaluation)
+
+
+class Pruner(DistilledPruning):
     """One step-1 pruning run into ``out``."""
 
     def __init__(
@@ -99,64 +207,18 @@ class Pruner(TrainLoop):
             self.student.base_model.embeddings.requires_grad_(False)
         self.scores = MaskScores(geometry(self.student), cfg.threshold_init, cfg.score_init)
         attach(layer_linears(self.student), self.scores)
-        self.model = PrunableModel(self.student, self.scores).to(self.device)
-        self.teacher.to(self.device)
-        self.setup_loop(cfg.epochs)
-        groups = param_groups(self.student, cfg.weight_decay)
-        mask_lr = cfg.mask_learning_rate
-        groups.append({"params": list(self.scores.scores.parameters()), "weight_decay": 0.0, "lr": mask_lr})
-        # No momentum on thresholds: the one-sided regularizer stops pulling the moment r < r*,
-        # and with beta1 = 0.9 Adam would carry every threshold ~10 steps past the target.
-        thresholds = list(self.scores.thresholds.parameters())
-        groups.append({"params": thresholds, "weight_decay": 0.0, "lr": mask_lr, "betas": (0.0, 0.999)})
-        self.setup_optimizer(groups)
-        self.ddp_model = wrap_ddp(self.model)
-        self.last_reg: RegTerm | None = None
+        self.target_ratio = cfg.target
+        self.setup_training()
 
-    def stateful(self) -> dict[str, nn.Module]:
-        return {"model": self.model}
+    def headline(self) -> str:
+        student = self.cfg.student or self.cfg.teacher
+        return f"pruning {student} on {self.cfg.task} to r* = {self.cfg.target}: {self.total_steps} steps"
 
-    def regularizer(self) -> RegTerm:
-        cfg = self.cfg
-        reg = adaptive_regularizer(remaining_ratio(self.scores), cfg.target, cfg.lambda_final, cfg.lambda_min)
-        if reg.gap < cfg.settled_gap and cfg.target < 1:
-            scale = cfg.lambda_settled / reg.lam if reg.lam else 0.0
-            reg = RegTerm(reg.penalty * scale, reg.ratio, cfg.lambda_settled, reg.gap)
-        return reg
+    def ratio(self) -> torch.Tensor:
+        return remaining_ratio(self.scores)
 
-    def train_step(self, indices: np.ndarray) -> tuple[float, int, str]:
-        self.model.train()
-        batch = collate(self.train, indices, self.device)
-        need_attn = self.weights.attention > 0 and self.weights.alpha_distil > 0
-        kwargs = {"output_hidden_states": self.weights.hidden > 0, "output_attentions": need_attn}
-        with torch.no_grad():
-            t_out = self.teacher(**batch, **kwargs)
-        labels = labels_tensor(self.train, indices, self.task.is_regression).to(self.device)
-        s_out = self.ddp_model(**batch, labels=labels, **kwargs)
-        dl = distill_loss(s_out, t_out, s_out.loss, batch["attention_mask"], self.weights)
-        reg = self.regularizer()
-        (dl.total + reg.penalty).backward()
-        self.step_optimizer()
-        self.last_reg = reg
-        parts = " ".join(f"{k} {v:.3f}" for k, v in dl.parts.items())
-        extra = f"[{parts}]  r {reg.ratio:.3f}/{self.cfg.target:g}  λ {reg.lam:,.0f}"
-        return float(dl.total.detach()), int(batch["attention_mask"].sum()), extra
-
-    def evaluate(self) -> EvalResult:
-        masks = self.scores.freeze()
-        try:
-            result = evaluate_encoded(self.student, self.task, self.dev, "dev")
-        finally:
-            self.scores.unfreeze()
-        ratio = counted_ratio(masks, self.scores.geo)
-        return EvalResult(
-            result.task,
-            result.split,
-            {**result.metrics, "remaining_ratio": ratio},
-            result.num_examples,
-            result.seconds,
-            result.outputs,
-        )
+    def eval_ratios(self, masks: dict[str, torch.Tensor]) -> dict[str, float]:
+        return {"remaining_ratio": counted_ratio(masks, self.scores.geo)}
 
     def finalize(self, result: EvalResult) -> None:
         masks = self.scores.freeze()
@@ -165,7 +227,7 @@ class Pruner(TrainLoop):
             "task": self.task.name,
             "target": self.cfg.target,
             "teacher": self.cfg.teacher,
-            "base_model": _base_model(self.cfg.teacher),
+            "base_model": base_model_of(self.cfg.teacher),
             "student_init": self.cfg.student or self.cfg.teacher,
             "config": self.cfg.to_dict(),
             "steps": self.state.step,
@@ -174,34 +236,22 @@ class Pruner(TrainLoop):
             "versions": versions(),
         }
         manifest = build_manifest(self.student, masks, extra)
-        with staging_dir(self.out) as tmp, quiet_transformers():
-            self.student.save_pretrained(tmp)
-            self.tokenizer.save_pretrained(tmp)
-            save_masks(tmp / MASKS_FILE, masks, self.scores.geo)
-            write_json(tmp / MANIFEST_FILE, manifest)
-            write_json(
-                tmp / METADATA_FILE, {"task": self.task.name, "kind": "masked", "config": self.cfg.to_dict()}
-            )
-            write_summary(manifest, tmp)
-        teacher_eval = _teacher_eval(self.cfg.teacher)
-        write_json(
-            self.out / EVAL_FILE,
-            {
-                **result.to_json(),
-                "remaining_ratio": manifest["remaining_ratio"],
-                "target": self.cfg.target,
-                "teacher_metrics": teacher_eval,
-                "wall_time_s": extra["wall_time_s"],
-            },
-        )
+        evaluation = {
+            **result.to_json(),
+            "remaining_ratio": manifest["remaining_ratio"],
+            "target": self.cfg.target,
+            "teacher_metrics": teacher_eval(self.cfg.teacher),
+            "wall_time_s": extra["wall_time_s"],
+        }
+        self.write_checkpoint(masks, manifest, evaluation)
 
 
-def _base_model(teacher: str) -> str:
+def base_model_of(teacher: str) -> str:
     meta = read_metadata(Path(resolve_model(teacher))) if Path(teacher).is_dir() else {}
     return meta.get("base_model", teacher)
 
 
-def _teacher_eval(teacher: str) -> dict[str, float] | None:
+def teacher_eval(teacher: str) -> dict[str, float] | None:
     path = Path(teacher) / EVAL_FILE
     if not path.is_file():
         return None

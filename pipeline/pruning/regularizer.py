@@ -19,6 +19,9 @@ still pulling every threshold down:
 
     frac = sigmoid(t) + (ceil(sigmoid(t) * N) / N - sigmoid(t)).detach()
 
+Step 2 (blocks) drives its own ratio with the same regularizer: see
+:mod:`pipeline.pruning.block_masks` (kept-weight count) and :mod:`pipeline.pruning.block_pruner`.
+
 Regularizer (MLPruning): R = (r - r*)^2 while r > r*, else 0;
 lambda = max(lambda_final * R / (1 - r*)^2, lambda_min), so lambda is large while far from the
 target and decays to lambda_min as r arrives; loss = task loss + lambda * R (lambda detached).
