@@ -25,7 +25,7 @@ import onnx_ir as ir
 
 from graph_passes.block_cost import decide_by_measuring
 from graph_passes.block_sparse import replace_linear
-from graph_passes.linears import LinearSite, StripReport, count_params, find_linears
+from graph_passes.linears import LinearSite, StripReport, find_linears, linear_params
 from mlpruning.errors import UserError
 
 MODES = ("auto", "dense", "sparse")
@@ -60,7 +60,7 @@ class BlockSparsePass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         sites = find_linears(model, self.manifest)
-        self.report.params_before = count_params(sites)
+        self.report.params_before = linear_params(model, self.manifest)
         if not self.manifest.get("block"):
             self.report.skipped.append("manifest has no block masks (step-1 checkpoint)")
         else:
@@ -75,7 +75,7 @@ class BlockSparsePass(ir.passes.InPlacePass):
                     self._site(model, site, entry)
         if self.report.rewrites:
             ir.passes.common.RemoveUnusedNodesPass()(model)
-        self.report.params_after = count_params(find_linears(model, self.manifest)) + self._packed(model)
+        self.report.params_after = linear_params(model, self.manifest)
         return ir.passes.PassResult(model, modified=self.report.rewrites > 0)
 
     def _site(self, model: ir.Model, site: LinearSite, entry: dict[str, Any]) -> None:
@@ -90,8 +90,9 @@ class BlockSparsePass(ir.passes.InPlacePass):
                 f"pruning.json does not match model.onnx: {where} has nonzero weights in pruned "
                 "blocks; re-export the checkpoint"
             )
-        if self.mode == "dense":
-            self.report.skipped.append(f"{where}: {mask.mean():.0%} blocks kept, left dense (mode dense)")
+        if self.mode == "dense" or mask.all():
+            why = "all blocks kept" if mask.all() else "mode dense"
+            self.report.skipped.append(f"{where}: {mask.mean():.0%} blocks kept, left dense ({why})")
             return
         if self.mode == "auto":
             decision = decide_by_measuring(wt, mask, block, self.tokens)
@@ -101,14 +102,3 @@ class BlockSparsePass(ir.passes.InPlacePass):
             self.report.notes.append(f"{where}: {decision.reason}")
         replace_linear(model, site, mask, block)
         self.report.rewrites += 1
-
-    @staticmethod
-    def _packed(model: ir.Model) -> int:
-        """Weights held by BlockSparseLinear nodes (packed values and folded biases)."""
-        total = 0
-        for node in model.graph:
-            if node.op_type == "BlockSparseLinear":
-                for value in (node.inputs[1], *node.inputs[3:]):
-                    if value is not None and value.const_value is not None:
-                        total += value.const_value.size
-        return total

@@ -194,3 +194,14 @@ def count_params(sites: dict[tuple[int, str], LinearSite]) -> int:
             if value is not None:
                 total += value.const_value.size
     return total
+
+
+def linear_params(model: ir.Model, manifest: dict[str, Any]) -> int:
+    """Weights of the prunable linears: MatMul/Add initializers plus BlockSparseLinear blocks."""
+    total = count_params(find_linears(model, manifest))
+    for node in model.graph:
+        if node.op_type == "BlockSparseLinear":  # packed values and the folded bias
+            for value in (node.inputs[1], *node.inputs[3:]):
+                if value is not None and value.const_value is not None:
+                    total += value.const_value.size
+    return total

@@ -27,8 +27,8 @@ from graph_passes.linears import (
     StripReport,
     add_initializer,
     clear_intermediate_shapes,
-    count_params,
     find_linears,
+    linear_params,
 )
 from graph_passes.scatter_cost import ScatterCost
 from mlpruning.errors import UserError
@@ -67,7 +67,7 @@ class ScatterRowsPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         sites = find_linears(model, self.manifest)
-        self.report.params_before = count_params(sites)
+        self.report.params_before = linear_params(model, self.manifest)
         for layer, info in enumerate(self.manifest["layers"]):
             for name, key in _KEPT.items():
                 site = sites.get((layer, name))
@@ -75,7 +75,7 @@ class ScatterRowsPass(ir.passes.InPlacePass):
                     self._site(site, np.asarray(sorted(info[key]), np.int64))
         if self.report.rewrites:
             clear_intermediate_shapes(model)
-        self.report.params_after = count_params(find_linears(model, self.manifest))
+        self.report.params_after = linear_params(model, self.manifest)
         return ir.passes.PassResult(model, modified=self.report.rewrites > 0)
 
     def _site(self, site: LinearSite, kept: np.ndarray) -> None:
