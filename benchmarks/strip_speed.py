@@ -18,14 +18,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-import onnxruntime as ort
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
+from deploy.random_parity import random_parity
 from mlpruning.atomic import write_json
 from pipeline.adapters import geometry
-from pipeline.pruning.checkpoint import load_masked
 from pipeline.pruning.fixed import random_masks, write_masked
 
 SPREAD = (-2, -1, 0, 1, 2, 0, 1, -1, 2, -2, 0, 0)  # per-layer head offsets, summing to 0
@@ -42,20 +40,8 @@ def write_target(folder: Path, target: float, seed: int) -> float:
     return write_masked(model, masks, folder, "sst2", {"target": target})["remaining_ratio"]
 
 
-def parity(masked: Path, opt: Path, seed: int = 0) -> float:
-    model, _, _ = load_masked(masked)
-    session = ort.InferenceSession(str(opt / "model.onnx"), providers=["CPUExecutionProvider"])
-    gen, worst = torch.Generator().manual_seed(seed), 0.0
-    for batch, seq in ((1, 128), (4, 77)):
-        ids = torch.randint(1000, 9000, (batch, seq), generator=gen)
-        mask = torch.ones_like(ids)
-        mask[-1, seq // 2 :] = 0
-        inputs = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
-        with torch.no_grad():
-            want = model(**inputs).logits.numpy()
-        got = session.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
-        worst = max(worst, float(np.abs(got - want).max()))
-    return worst
+def parity(masked: Path, opt: Path) -> float:
+    return random_parity(masked, opt / "model.onnx", ((1, 128), (4, 77)), seed=0, pad_from=0.5)
 
 
 def cli(*args: str) -> str:

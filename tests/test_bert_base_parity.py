@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import random
 
-import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 
+from deploy.random_parity import random_parity
 from graph_passes.optimize import optimize
 from pipeline.export import export_onnx
-from pipeline.pruning.checkpoint import load_masked
 
 
 @pytest.mark.slow
@@ -41,15 +39,7 @@ def test_bert_base_with_distinct_head_counts_matches_pytorch(tmp_path):
     report = optimize(tmp_path / "onnx", tmp_path / "opt", scatter_rows="scatter")
     heads_pass, rows_pass, _, scatter_pass = report["passes"]  # no block masks: block pass idle
     assert heads_pass["rewrites"] == 11 and rows_pass["rewrites"] == 12 and scatter_pass["rewrites"] == 24
-    masked, _, _ = load_masked(tmp_path / "masked")
-    session = ort.InferenceSession(str(tmp_path / "opt" / "model.onnx"), providers=["CPUExecutionProvider"])
-    gen = torch.Generator().manual_seed(0)
-    for batch, seq in ((1, 128), (3, 50)):
-        ids = torch.randint(1000, 9000, (batch, seq), generator=gen)
-        mask = torch.ones_like(ids)
-        mask[-1, seq // 2 :] = 0
-        inputs = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
-        with torch.no_grad():
-            want = masked(**inputs).logits.numpy()
-        got = session.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
-        assert np.abs(got - want).max() <= 1e-4
+    diff = random_parity(
+        tmp_path / "masked", tmp_path / "opt" / "model.onnx", ((1, 128), (3, 50)), seed=0, pad_from=0.5
+    )
+    assert diff <= 1e-4

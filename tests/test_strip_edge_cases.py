@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
-import onnxruntime as ort
 import pytest
 import torch
 
+from deploy.random_parity import random_parity
 from graph_passes.detect import detect_manifest
 from graph_passes.linears import find_linears
 from graph_passes.optimize import optimize
@@ -52,19 +52,7 @@ def awkward(tmp_path_factory) -> Path:
 
 
 def _max_diff(root: Path, opt: Path) -> float:
-    model, _, _ = load_masked(root / "masked")
-    session = ort.InferenceSession(str(opt / "model.onnx"), providers=["CPUExecutionProvider"])
-    gen, worst = torch.Generator().manual_seed(1), 0.0
-    for batch, seq in ((1, 7), (4, 40)):
-        ids = torch.randint(1000, 9000, (batch, seq), generator=gen)
-        mask = torch.ones_like(ids)
-        mask[-1, seq // 3 :] = 0
-        inputs = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
-        with torch.no_grad():
-            want = model(**inputs).logits.numpy()
-        got = session.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
-        worst = max(worst, float(np.abs(got - want).max()))
-    return worst
+    return random_parity(root / "masked", opt / "model.onnx")
 
 
 def _module_ops(path: Path, fragment: str) -> list[str]:
