@@ -19,6 +19,7 @@ import onnx_ir as ir
 from graph_passes.scopes import module_prefix, nodes_by_module
 
 LINEARS = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")
+BIAS_ONLY = "__bias_only"  # name suffix of the bias a collapsed linear leaves behind
 
 
 @dataclass
@@ -79,8 +80,10 @@ def _initializer_input(node: ir.Node) -> tuple[int, ir.Value | None]:
 def _bias_add(nodes: list[ir.Node], matmul: ir.Node) -> tuple[ir.Node | None, int, ir.Value | None]:
     """The Add in the linear's module that adds an initializer to the MatMul output."""
     out = matmul.outputs[0]
+    # after the scatter-rows pass the bias Add reads the Gather that scatters the MatMul output
+    outs = {out} | {user.outputs[0] for user, _ in out.uses() if user.op_type == "Gather"}
     for node in nodes:
-        if node.op_type == "Add" and out in node.inputs:
+        if node.op_type == "Add" and any(v in outs for v in node.inputs):
             index, bias = _initializer_input(node)
             if bias is not None:
                 return node, index, bias
@@ -164,7 +167,7 @@ def replace_output_with_bias(site: LinearSite) -> None:
     array = site.bias.const_value.numpy().copy() if site.bias is not None else None
     if array is None:
         array = np.zeros(width, dtype=site.weight.const_value.numpy().dtype)
-    const = add_initializer(site.matmul.graph, f"{site.matmul.name}__bias_only", array)
+    const = add_initializer(site.matmul.graph, f"{site.matmul.name}{BIAS_ONLY}", array)
     ir.convenience.replace_all_uses_with(out, const)
 
 
@@ -199,6 +202,8 @@ def count_params(sites: dict[tuple[int, str], LinearSite]) -> int:
 def linear_params(model: ir.Model, manifest: dict[str, Any]) -> int:
     """Weights of the prunable linears: MatMul/Add initializers plus BlockSparseLinear blocks."""
     total = count_params(find_linears(model, manifest))
+    # biases left by layers collapsed to "+ bias" (replace_output_with_bias)
+    total += sum(v.const_value.size for n, v in model.graph.initializers.items() if n.endswith(BIAS_ONLY))
     for node in model.graph:
         if node.op_type == "BlockSparseLinear":  # packed values and the folded bias
             for value in (node.inputs[1], *node.inputs[3:]):

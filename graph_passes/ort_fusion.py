@@ -79,8 +79,14 @@ def fuse_if_faster(
     options = FusionOptions("bert")
     options.enable_skip_layer_norm = False
     options.enable_bias_skip_layer_norm = False
+    # optimize_model fuses the proto it is given in place: hand it a copy, keep ``model`` unfused
     fused = optimize_model(
-        model, model_type="bert", num_heads=0, hidden_size=0, optimization_options=options, opt_level=0
+        onnx.ModelProto.FromString(model.SerializeToString()),
+        model_type="bert",
+        num_heads=0,
+        hidden_size=0,
+        optimization_options=options,
+        opt_level=0,
     )
     counts = {k: v for k, v in fused.get_fused_operator_statistics().items() if v}
     plain_s, fused_s = session(model), session(fused.model)

@@ -34,8 +34,8 @@ from graph_passes.linears import (
     add_initializer,
     clear_intermediate_shapes,
     const_array,
-    count_params,
     find_linears,
+    linear_params,
     replace_output_with_bias,
     reshape_after,
 )
@@ -106,14 +106,14 @@ class StripHeadsPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         sites = find_linears(model, self.manifest)
-        self.report.params_before = count_params(sites)
+        self.report.params_before = linear_params(model, self.manifest)
         changed = False
         for layer, info in enumerate(self.manifest["layers"]):
             changed |= self._layer(layer, sorted(info["heads_kept"]), sites)
         if changed:
             ir.passes.common.RemoveUnusedNodesPass()(model)
             clear_intermediate_shapes(model)
-        self.report.params_after = count_params(find_linears(model, self.manifest))
+        self.report.params_after = linear_params(model, self.manifest)
         return ir.passes.PassResult(model, modified=changed)
 
     def _layer(self, layer: int, kept: list[int], sites: dict[tuple[int, str], LinearSite]) -> bool:

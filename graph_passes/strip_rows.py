@@ -23,8 +23,8 @@ from graph_passes.linears import (
     LinearSite,
     StripReport,
     clear_intermediate_shapes,
-    count_params,
     find_linears,
+    linear_params,
     replace_output_with_bias,
 )
 from mlpruning.errors import UserError
@@ -40,14 +40,14 @@ class StripRowsPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         sites = find_linears(model, self.manifest)
-        self.report.params_before = count_params(sites)
+        self.report.params_before = linear_params(model, self.manifest)
         changed = False
         for layer, info in enumerate(self.manifest["layers"]):
             changed |= self._layer(layer, np.asarray(sorted(info["ffn_rows_kept_indices"]), np.int64), sites)
         if changed:
             ir.passes.common.RemoveUnusedNodesPass()(model)
             clear_intermediate_shapes(model)
-        self.report.params_after = count_params(find_linears(model, self.manifest))
+        self.report.params_after = linear_params(model, self.manifest)
         return ir.passes.PassResult(model, modified=changed)
 
     def _layer(self, layer: int, rows: np.ndarray, sites: dict[tuple[int, str], LinearSite]) -> bool:
