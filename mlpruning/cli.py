@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -208,7 +208,7 @@ def prune(
 ) -> None:
     """MLPruning: step 1 prunes heads and rows to --target, distilled from --teacher; --step block
     prunes blocks of a step-1 checkpoint (--from) to --target of what it kept, distilled from it."""
-    from pipeline.config import BlockPruneConfig, PruneConfig, build_config, prune_step
+    from pipeline.config import prune_step
 
     step = prune_step(config, step)
     overrides = {
@@ -224,10 +224,22 @@ def prune(
         "max_train_examples": max_train_examples,
         "data_dir": str(data_dir) if data_dir else None,
     }
-    step1_only = {"--teacher": teacher, "--student": student}
-    step2_only = {"--from": from_, "--block": block, "--row-balanced": row_balanced, "--target-of": target_of}
-    step2_only["--revive-from"] = revive_from
-    wrong = [k for k, v in (step1_only if step == "block" else step2_only).items() if v is not None]
+    step1 = {"--teacher": teacher, "--student": student}
+    step2 = {"--from": str(from_) if from_ else None, "--block": block, "--row-balanced": row_balanced}
+    step2 |= {"--target-of": target_of, "--revive-from": revive_from}
+    cfg = _prune_config(step, config, overrides, step1, step2)
+    main_rank = _init_distributed()
+    set_threads(threads)
+    _run_pruner(step, cfg, out, device, (resume, overwrite), main_rank and not quiet, main_rank)
+
+
+def _prune_config(
+    step: str, config: Path | None, overrides: dict, step1: dict[str, Any], step2: dict[str, Any]
+) -> Any:
+    """The step's config from TOML and flags; a flag of the other step is a one-line error."""
+    from pipeline.config import BlockPruneConfig, PruneConfig, build_config
+
+    wrong = [k for k, v in (step1 if step == "block" else step2).items() if v is not None]
     if wrong and step == "block":
         raise UserError(
             f"{wrong[0]} is for step 1: with --step block the step-1 checkpoint (--from) is the teacher"
@@ -235,35 +247,41 @@ def prune(
     if wrong:
         raise UserError(f"{wrong[0]} is for block pruning: add --step block")
     if step == "block":
-        extra = {"source": str(from_) if from_ else None, "block": block, "row_balanced": row_balanced}
-        overrides |= {**extra, "target_of": target_of, "revive_from": revive_from}
+        keys = ("source", "block", "row_balanced", "target_of", "revive_from")
+        overrides |= dict(zip(keys, step2.values(), strict=True))
         flags = {"source": "--from"}
-        cfg = build_config(
+        return build_config(
             BlockPruneConfig, "prune", config, overrides, ("source", "target"), ("step",), flags
         )
-    else:
-        overrides |= {"teacher": teacher, "student": student}
-        required = ("teacher", "task", "target")
-        cfg = build_config(PruneConfig, "prune", config, overrides, required, ("step",))
-        if not Path(cfg.teacher).is_dir():
-            raise UserError(
-                f"teacher folder {cfg.teacher} does not exist: pass the output of mlpruning finetune"
-            )
-    main_rank = _init_distributed()
-    set_threads(threads)
+    overrides |= {"teacher": step1["--teacher"], "student": step1["--student"]}
+    cfg = build_config(PruneConfig, "prune", config, overrides, ("teacher", "task", "target"), ("step",))
+    if not Path(cfg.teacher).is_dir():
+        raise UserError(f"teacher folder {cfg.teacher} does not exist: pass the output of mlpruning finetune")
+    return cfg
+
+
+def _run_pruner(
+    step: str,
+    cfg: Any,
+    out: Path,
+    device: str,
+    resume_overwrite: tuple[bool, bool],
+    show: bool,
+    main_rank: bool,
+) -> None:
+    """Run step 1 or 2 into ``out`` with live progress; print the structure and a JSON summary."""
     from pipeline.progress import TrainProgress
     from pipeline.pruning.block_pruner import BlockPruner
     from pipeline.pruning.pruner import Pruner
     from pipeline.pruning.summary import format_table, structure
     from pipeline.trainloop import Interrupted, check_out_dir
 
+    resume, overwrite = resume_overwrite
     check_out_dir(out, resume, overwrite)
     console = stderr_console()
     runner_cls = BlockPruner if step == "block" else Pruner
-    runner = runner_cls(
-        cfg, out, TrainProgress(enabled=main_rank and not quiet, console=console), device=device
-    )
-    if main_rank and not quiet:
+    runner = runner_cls(cfg, out, TrainProgress(enabled=show, console=console), device=device)
+    if show:
         console.print(f"{runner.headline()} -> {out}")
     try:
         result = runner.run(resume=resume)
