@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes.common  # RemoveUnusedNodesPass
 
 from graph_passes.block_cost import decide_by_measuring
 from graph_passes.block_sparse import replace_linear

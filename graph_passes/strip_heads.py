@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes.common  # RemoveUnusedNodesPass
 
 from graph_passes.linears import (
     LinearSite,
