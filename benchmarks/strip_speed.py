@@ -29,13 +29,19 @@ from pipeline.pruning.fixed import random_masks, write_masked
 SPREAD = (-2, -1, 0, 1, 2, 0, 1, -1, 2, -2, 0, 0)  # per-layer head offsets, summing to 0
 
 
-def write_target(folder: Path, target: float, seed: int) -> float:
+def write_target(folder: Path, target: float, seed: int, ffn_multiple: int = 1) -> float:
+    """A masked checkpoint at remaining ratio ``target`` (FFN rows a multiple of ``ffn_multiple``)."""
     torch.manual_seed(seed)
     model = BertForSequenceClassification(BertConfig(num_labels=2)).eval()  # bert-base shape
     geo = geometry(model)
-    mean = round(target * geo.num_heads)
-    heads = [max(1, min(geo.num_heads, mean + d)) for d in SPREAD[: geo.num_layers]]
-    ffn_share = (target - sum(heads) / len(heads) / (3 * geo.num_heads)) * 1.5
+    if target >= 1.0:
+        heads, ffn_share = [geo.num_heads] * geo.num_layers, 1.0
+    else:
+        mean = round(target * geo.num_heads)
+        heads = [max(1, min(geo.num_heads, mean + d)) for d in SPREAD[: geo.num_layers]]
+        ffn_share = (target - sum(heads) / len(heads) / (3 * geo.num_heads)) * 1.5
+        rows = round(ffn_share * geo.intermediate / ffn_multiple) * ffn_multiple
+        ffn_share = rows / geo.intermediate
     masks = random_masks(geo, heads, ffn_share, seed=seed)
     return write_masked(model, masks, folder, "sst2", {"target": target})["remaining_ratio"]
 
