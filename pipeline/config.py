@@ -113,20 +113,10 @@ def load_toml(path: Path, section: str) -> dict[str, Any]:
     return dict(data.get(section, data))
 
 
-@dataclass(frozen=True)
-class PruneConfig:
-    """Step 1 of MLPruning: head and row pruning with learnable thresholds and distillation.
+@dataclass(frozen=True, kw_only=True)
+class PruneTraining:
+    """Training, regularizer and distillation settings both pruning steps share (keyword-only)."""
 
-    Defaults follow the reference code (scores 0, thresholds 10, mask lr 1e-2, lambda_final
-    20000 with floor 50 and 10 once within 3e-4, alpha_distil 0.9 / alpha_ce 0.1, T = 2), except
-    that the student starts from the fine-tuned teacher and trains for few epochs, which is
-    what a CPU budget allows.
-    """
-
-    task: str
-    teacher: str
-    target: float
-    student: str | None = None  # default: a copy of the teacher
     epochs: float = 3.0
     batch_size: int = 32
     learning_rate: float = 5e-5
@@ -151,6 +141,22 @@ class PruneConfig:
     save_every: int = 200
     max_train_examples: int | None = None
     data_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class PruneConfig(PruneTraining):
+    """Step 1 of MLPruning: head and row pruning with learnable thresholds and distillation.
+
+    Defaults follow the reference code (scores 0, thresholds 10, mask lr 1e-2, lambda_final
+    20000 with floor 50 and 10 once within 3e-4, alpha_distil 0.9 / alpha_ce 0.1, T = 2), except
+    that the student starts from the fine-tuned teacher and trains for few epochs, which is
+    what a CPU budget allows.
+    """
+
+    task: str
+    teacher: str
+    target: float
+    student: str | None = None  # default: a copy of the teacher
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "task", get_task(self.task).name)
@@ -196,7 +202,7 @@ def prune_step(path: Path | None, step: str | None) -> str:
 
 
 @dataclass(frozen=True)
-class BlockPruneConfig:
+class BlockPruneConfig(PruneTraining):
     """Step 2 of MLPruning: block pruning of a step-1 checkpoint, distilled from it.
 
     ``target`` is the remaining share of what step 1 kept (``target_of = "step1"``) or of the
@@ -211,30 +217,6 @@ class BlockPruneConfig:
     row_balanced: bool = False
     task: str | None = None  # default: the step-1 checkpoint's
     revive_from: str | None = None  # weights of revived rows; default: step 1's student_init
-    epochs: float = 3.0
-    batch_size: int = 32
-    learning_rate: float = 5e-5
-    mask_learning_rate: float = 1e-2
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.06
-    max_grad_norm: float = 1.0
-    max_length: int = 128
-    lambda_final: float = 20000.0
-    lambda_min: float = 50.0
-    lambda_settled: float = 10.0
-    settled_gap: float = 3e-4
-    threshold_init: float = 10.0
-    score_init: float = 0.0
-    alpha_distil: float = 0.9
-    alpha_ce: float = 0.1
-    temperature: float = 2.0
-    hidden_weight: float = 1.0
-    attention_weight: float = 1.0
-    freeze_embeddings: bool = True
-    seed: int = 42
-    save_every: int = 200
-    max_train_examples: int | None = None
-    data_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.task is not None:
