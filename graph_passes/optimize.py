@@ -55,6 +55,10 @@ def read_folder(folder: Path, num_heads: int | None = None) -> tuple[ir.Model, d
     """The model (weights in memory) and its manifest: ``pruning.json``, else detected from zeros."""
     if not (folder / ONNX_FILE).is_file():
         raise UserError(f"{folder} has no {ONNX_FILE}: pass the output of mlpruning export")
+    if (folder / REPORT_FILE).is_file():
+        raise UserError(
+            f"{folder} is already optimized ({REPORT_FILE}): pass the folder mlpruning export wrote"
+        )
     model = ir.load(folder / ONNX_FILE)
     # weights exported as external data (dynamo's default) come into memory: passes slice them
     model = ir.external_data.load_to_model(model)

@@ -82,6 +82,8 @@ def test_missing_pieces_are_reported(stripped, tmp_path):
     assert p.report.rewrites == 0 and any("not found by name scope" in r for r in p.report.skipped)
     with pytest.raises(UserError, match="no model.onnx"):
         optimize(tmp_path, tmp_path / "out")
+    with pytest.raises(UserError, match="is already optimized"):
+        optimize(stripped / "opt", tmp_path / "again")
 
 
 def test_graph_passes_need_no_torch():
