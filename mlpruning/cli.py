@@ -153,6 +153,16 @@ def _init_distributed() -> bool:
     return dist.get_rank() == 0
 
 
+def _leave_distributed(wait: bool) -> None:
+    """Tear the process group down before exit: a gloo rank exiting with it alive can abort."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_initialized():
+        return
+    if wait:  # every rank finished the run: let rank 0 finish writing before anyone leaves
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 @app.command()
 def prune(
     out: Annotated[Path, typer.Option("--out", help="Output folder for the masked checkpoint.")],
@@ -230,7 +240,12 @@ def prune(
     cfg = _prune_config(step, config, overrides, step1, step2)
     main_rank = _init_distributed()
     set_threads(threads)
-    _run_pruner(step, cfg, out, device, (resume, overwrite), main_rank and not quiet, main_rank)
+    try:
+        _run_pruner(step, cfg, out, device, (resume, overwrite), main_rank and not quiet, main_rank)
+    except BaseException:
+        _leave_distributed(wait=False)
+        raise
+    _leave_distributed(wait=True)
 
 
 def _prune_config(
