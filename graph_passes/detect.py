@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from graph_passes.linears import LinearSite, const_array, find_linears, reshape_after
+from graph_passes.linears import LinearSite, const_array, find_linears, head_is_live, reshape_after
 from graph_passes.scopes import nodes_by_module
 from mlpruning.errors import UserError
 from pipeline.adapters import ADAPTERS
@@ -84,18 +84,11 @@ def _nonzero(array: np.ndarray, axis: int) -> np.ndarray:
 def _layer_record(sites: dict[tuple[int, str], LinearSite], layer: int, heads: int) -> dict[str, Any]:
     v, o = sites[(layer, "value")], sites[(layer, "attn_out")]
     ffn_out = sites[(layer, "ffn_out")]
-    w_v, w_o = v.weight.const_value.numpy(), o.weight.const_value.numpy()
-    b_v = v.bias.const_value.numpy() if v.bias is not None else np.zeros(w_v.shape[1], w_v.dtype)
-    d = w_v.shape[1] // heads
-    kept = [
-        h
-        for h in range(heads)
-        if (w_v[:, h * d : (h + 1) * d].any() or b_v[h * d : (h + 1) * d].any())
-        and w_o[h * d : (h + 1) * d].any()
-    ]
+    kept = [h for h in range(heads) if head_is_live(v, o, h, v.weight.shape[1] // heads)]
     w_out = ffn_out.weight.const_value.numpy()
     rows = _nonzero(w_out, axis=1).tolist()
-    o_rows, f_rows = _nonzero(w_o, axis=0).tolist(), _nonzero(w_out, axis=0).tolist()
+    o_rows = _nonzero(o.weight.const_value.numpy(), axis=0).tolist()
+    f_rows = _nonzero(w_out, axis=0).tolist()
     return {
         "heads_kept": kept,
         "num_heads_kept": len(kept),

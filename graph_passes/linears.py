@@ -190,6 +190,19 @@ def reshape_after(site: LinearSite) -> ir.Node | None:
     return None
 
 
+def head_is_live(value: LinearSite, out: LinearSite, head: int, head_dim: int) -> bool:
+    """Whether a head still contributes: its value columns or bias are nonzero and O reads it.
+
+    A head whose V output is zero adds softmax(.) @ 0 = 0; one whose O input rows are zero is
+    never read. Either way removing it is exact (the rule detection and the strip check share).
+    """
+    cols = slice(head * head_dim, (head + 1) * head_dim)
+    v_live = value.weight.const_value.numpy()[:, cols].any() or (
+        value.bias is not None and value.bias.const_value.numpy()[cols].any()
+    )
+    return bool(v_live and out.weight.const_value.numpy()[cols, :].any())
+
+
 def count_params(sites: dict[tuple[int, str], LinearSite]) -> int:
     total = 0
     for site in sites.values():

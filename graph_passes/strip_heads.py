@@ -36,6 +36,7 @@ from graph_passes.linears import (
     clear_intermediate_shapes,
     const_array,
     find_linears,
+    head_is_live,
     linear_params,
     replace_output_with_bias,
     reshape_after,
@@ -51,11 +52,7 @@ def _columns(heads: list[int], d: int) -> np.ndarray:
 
 def _check_dropped(layer: int, dropped: list[int], d: int, value: LinearSite, out: LinearSite) -> None:
     for h in dropped:
-        cols = slice(h * d, (h + 1) * d)
-        v_zero = not value.weight.const_value.numpy()[:, cols].any() and (
-            value.bias is None or not value.bias.const_value.numpy()[cols].any()
-        )
-        if not v_zero and out.weight.const_value.numpy()[cols, :].any():
+        if head_is_live(value, out, h, d):
             raise UserError(
                 f"pruning.json does not match model.onnx: layer {layer} head {h} is pruned in the "
                 "manifest but its value and output weights are nonzero; re-export the checkpoint"
