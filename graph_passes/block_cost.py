@@ -36,6 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from graph_passes.ort_fusion import session
+
 TABLE_VERSION = 1
 DEFAULT_MIN_SPEEDUP = 1.1
 DENSITY_TOLERANCE = 0.005  # a mask keeps whole blocks: 30% of 2304 blocks is 29.99%
@@ -221,16 +223,6 @@ def _models(wt: np.ndarray, mask: np.ndarray, block: tuple[int, int]) -> tuple[b
     return protos[0], protos[1]
 
 
-def _session(model: bytes, threads: int) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-
-
 def _run_timed(session: Any, feed: dict[str, np.ndarray]) -> tuple[float, float]:
     """(thread CPU seconds, wall seconds) of one run."""
     cpu, wall = time.thread_time(), time.perf_counter()
@@ -267,7 +259,7 @@ def measure_mask(
     calling thread, and CPU time leaves out the slices the scheduler gives to other processes on
     a busy machine; the wall-clock ratio is kept next to it.
     """
-    dense, sparse = (_session(m, threads) for m in _models(wt, mask, block))
+    dense, sparse = (session(m, threads) for m in _models(wt, mask, block))
     feed = {"X": np.random.default_rng(1).standard_normal((1, tokens, wt.shape[0])).astype(wt.dtype)}
     for _ in range(3):  # warm-up: allocations, first-run caches
         probe = [_run_timed(s, feed)[1] for s in (dense, sparse)]

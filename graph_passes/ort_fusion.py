@@ -29,14 +29,17 @@ import onnx
 DISABLED_AT_LOAD = ["SkipLayerNormFusion"]
 
 
-def session(model: onnx.ModelProto | Path, threads: int = 1) -> Any:
-    """A CPU session with one intra-op thread budget and SkipLayerNorm fusion disabled at load."""
+def session(model: onnx.ModelProto | Path | bytes, threads: int = 1) -> Any:
+    """A CPU session with ``threads`` intra-op threads and SkipLayerNorm fusion disabled at load."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
-    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    if isinstance(model, onnx.ModelProto):
+        source = model.SerializeToString()
+    else:
+        source = model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(
         source, opts, providers=["CPUExecutionProvider"], disabled_optimizers=DISABLED_AT_LOAD
     )

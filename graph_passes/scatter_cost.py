@@ -18,6 +18,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from graph_passes.ort_fusion import session
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -40,15 +42,6 @@ def _model(n_in: int, n_out: int, index: np.ndarray | None) -> bytes:
     graph = helper.make_graph(nodes, "g", [x], [y], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     return model.SerializeToString()
-
-
-def _session(model: bytes):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
 
 
 def _time(session, feed: dict[str, np.ndarray], iters: int) -> float:  # noqa: ANN001
@@ -77,7 +70,7 @@ class ScatterCost:
     def _measure(self, n_in: int, n_out: int, kept: int) -> Decision:
         index = np.full(n_out, kept, dtype=np.int64)
         index[:kept] = np.arange(kept)
-        dense, scatter = _session(_model(n_in, n_out, None)), _session(_model(n_in, kept + 1, index))
+        dense, scatter = session(_model(n_in, n_out, None)), session(_model(n_in, kept + 1, index))
         feed = {"x": np.random.default_rng(1).standard_normal((self.tokens, n_in), dtype=np.float32)}
         for s in (dense, scatter):
             _time(s, feed, 3)  # warm-up
