@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from mlpruning.errors import UserError
 from pipeline.adapters import Geometry
-from pipeline.pruning.masks import WIRING
+from pipeline.pruning.masks import WIRING, full_shapes
 
 MATRICES = tuple(WIRING)
 COMPACTED = ("heads", "ffn_in")  # units the strip passes remove; attn_out / ffn_out stay in place
@@ -99,14 +99,7 @@ def block_index(
 ) -> BlockIndex:
     """The block index of one matrix from the (revived) step-1 unit masks of its layer."""
     wiring = WIRING[matrix]
-    full = {
-        "query": (geo.num_heads * geo.head_dim, geo.hidden),
-        "key": (geo.num_heads * geo.head_dim, geo.hidden),
-        "value": (geo.num_heads * geo.head_dim, geo.hidden),
-        "attn_out": (geo.hidden, geo.num_heads * geo.head_dim),
-        "ffn_in": (geo.intermediate, geo.hidden),
-        "ffn_out": (geo.hidden, geo.intermediate),
-    }[matrix]
+    full = full_shapes(geo)[matrix]
     axes = []
     for unit, n_full, side in ((wiring.rows, full[0], block[0]), (wiring.cols, full[1], block[1])):
         if unit is None:

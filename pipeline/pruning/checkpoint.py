@@ -45,7 +45,7 @@ from pipeline.pruning.blocks import (
     kept_weights,
     nonzero_outside,
 )
-from pipeline.pruning.masks import UNITS, WIRING, mask_sizes
+from pipeline.pruning.masks import UNITS, WIRING, full_shapes, mask_sizes
 from pipeline.pruning.regularizer import counted_ratio, layer_weights
 
 MASKS_FILE = "masks.safetensors"
@@ -91,14 +91,7 @@ def _matrix_counts(
         "ffn_out": m["ffn_out"],
         None: None,
     }
-    full = {
-        "query": (geo.num_heads * geo.head_dim, geo.hidden),
-        "key": (geo.num_heads * geo.head_dim, geo.hidden),
-        "value": (geo.num_heads * geo.head_dim, geo.hidden),
-        "attn_out": (geo.hidden, geo.num_heads * geo.head_dim),
-        "ffn_in": (geo.intermediate, geo.hidden),
-        "ffn_out": (geo.hidden, geo.intermediate),
-    }
+    full = full_shapes(geo)
     counts = {}
     for name, wiring in WIRING.items():
         rows, cols = full[name]

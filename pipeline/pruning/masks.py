@@ -36,6 +36,19 @@ def unit_sizes(geo: Geometry) -> dict[str, int]:
     return {"heads": geo.num_heads, "attn_out": geo.hidden, "ffn_in": geo.intermediate, "ffn_out": geo.hidden}
 
 
+def full_shapes(geo: Geometry) -> dict[str, tuple[int, int]]:
+    """Unpruned torch shape [out, in] of each prunable matrix of a layer."""
+    attn = geo.num_heads * geo.head_dim
+    return {
+        "query": (attn, geo.hidden),
+        "key": (attn, geo.hidden),
+        "value": (attn, geo.hidden),
+        "attn_out": (geo.hidden, attn),
+        "ffn_in": (geo.intermediate, geo.hidden),
+        "ffn_out": (geo.hidden, geo.intermediate),
+    }
+
+
 def mask_sizes(geo: Geometry) -> dict[str, int]:
     """Every mask of the model, keyed ``layer{i}_{unit}``, with its length."""
     return {_key(layer, u): n for layer in range(geo.num_layers) for u, n in unit_sizes(geo).items()}
