@@ -206,6 +206,10 @@ def prune(
     lambda_final: Annotated[
         float | None, typer.Option(help="Regularizer strength far from the target.")
     ] = None,
+    threshold_grad: Annotated[
+        str | None,
+        typer.Option(help="Regularizer's push on thresholds: sigmoid (reference) or constant [sigmoid]."),
+    ] = None,
     seed: SeedOpt = None,
     save_every: SaveEveryOpt = None,
     max_train_examples: SubsetOpt = None,
@@ -229,6 +233,7 @@ def prune(
         "learning_rate": lr,
         "mask_learning_rate": mask_lr,
         "lambda_final": lambda_final,
+        "threshold_grad": threshold_grad,
         "seed": seed,
         "save_every": save_every,
         "max_train_examples": max_train_examples,

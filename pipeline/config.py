@@ -130,6 +130,7 @@ class PruneTraining:
     lambda_settled: float = 10.0
     settled_gap: float = 3e-4
     threshold_init: float = 10.0
+    threshold_grad: str = "sigmoid"  # regularizer's push on t: sigmoid'(t) or a constant 1/4
     score_init: float = 0.0
     alpha_distil: float = 0.9
     alpha_ce: float = 0.1
@@ -175,6 +176,8 @@ def _check_pruning(cfg: Any) -> None:
     _check(cfg.lambda_min >= 0 and cfg.lambda_settled >= 0, "lambda_min", ">= 0", cfg.lambda_min)
     _check(cfg.threshold_init > 0, "threshold_init", "> 0 (keep everything at the start)", cfg.threshold_init)
     _check(cfg.temperature > 0, "temperature", "> 0", cfg.temperature)
+    grad = cfg.threshold_grad
+    _check(grad in ("sigmoid", "constant"), "threshold_grad", "sigmoid or constant", grad)
     for name in ("alpha_distil", "alpha_ce", "hidden_weight", "attention_weight"):
         _check(getattr(cfg, name) >= 0, name, ">= 0", getattr(cfg, name))
 

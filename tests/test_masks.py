@@ -82,6 +82,30 @@ def test_regularizer_gradient_reaches_every_threshold():
     assert below.gap == 0.0 and float(below.penalty) == 0.0
 
 
+def test_constant_threshold_grad_keeps_the_value_and_reaches_thresholds_at_10():
+    geo = geometry(_bert(2, 4, 32, 64))
+    scores = MaskScores(geo, threshold_init=10.0)
+    grads = {}
+    for mode in ("sigmoid", "constant"):
+        for t in scores.thresholds.values():
+            t.grad = None
+        r = remaining_ratio(scores, mode)
+        assert float(r.detach()) == pytest.approx(1.0)
+        r.backward()
+        grads[mode] = {k: t.grad.item() for k, t in scores.thresholds.items()}
+    # sigmoid'(10) = 4.5e-5: the reference regularizer barely reaches a threshold at its start
+    assert max(grads["sigmoid"].values()) < 1e-4
+    # constant slope 1/4: each threshold hears its matrix's share of the weights, unit by unit
+    n = 4 * 32 * 32 + 2 * 32 * 64
+    want = {"heads": 4 * 32 * 32, "attn_out": 32 * 32, "ffn_in": 2 * 32 * 64, "ffn_out": 32 * 64}
+    want = {unit: weights / n for unit, weights in want.items()}
+    for key, grad in grads["constant"].items():
+        unit = key.split("_", 1)[1]
+        assert grad == pytest.approx(0.25 * want[unit] / 2, rel=1e-6), key
+    with pytest.raises(ValueError, match="threshold_grad"):
+        remaining_ratio(scores, "linear")
+
+
 def test_masked_forward_equals_manually_zeroed_model():
     model = _bert(2, 4, 32, 64)
     reference = _bert(2, 4, 32, 64)

@@ -64,10 +64,13 @@ def _cfg(teacher, target=0.5, **kw):
     return PruneConfig(**{**base, **kw})
 
 
-@pytest.mark.parametrize("target", [0.5, 0.3])
-def test_regularizer_lands_on_the_target(teacher, tmp_path, target):
+@pytest.mark.parametrize(
+    ("target", "extra"),
+    [(0.5, {}), (0.3, {}), (0.3, {"threshold_grad": "constant", "threshold_init": 10.0})],
+)
+def test_regularizer_lands_on_the_target(teacher, tmp_path, target, extra):
     out = tmp_path / f"r{target}"
-    result = Pruner(_cfg(teacher, target), out).run()
+    result = Pruner(_cfg(teacher, target, **extra), out).run()
     manifest = json.loads((out / "pruning.json").read_text())
     assert abs(manifest["remaining_ratio"] - target) <= 0.02, manifest["remaining_ratio"]
     assert result.metrics["remaining_ratio"] == pytest.approx(manifest["remaining_ratio"])

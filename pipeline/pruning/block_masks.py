@@ -17,7 +17,8 @@ Kept weights, the quantity the regularizer drives, with A_ij the area of block (
     soft = sigmoid(t) * sum_ij A_ij,   exact = sum_ij M_ij A_ij
 
 Its value is the exact count sum M_ij A_ij (what the checkpoint will hold); its gradient is that
-of sigmoid(t) times the live area, as in step 1. Where all live blocks have the same area (Q, K,
+of sigmoid(t) times the live area, as in step 1 (or of t / 4 with ``threshold_grad = "constant"``,
+see :mod:`pipeline.pruning.regularizer`). Where all live blocks have the same area (Q, K,
 V, FFN-in, and O / FFN-out without residual pruning) the value is ceil(sigmoid(t) * n) * A, a
 function of t alone; in O and FFN-out it also depends on which block-rows the top-k picks.
 """
@@ -32,6 +33,7 @@ from pipeline.adapters import Geometry, LayerLinears
 from pipeline.pruning.binarizer import block_topk_mask
 from pipeline.pruning.blocks import MATRICES, BlockIndex, block_index
 from pipeline.pruning.masks import WIRING
+from pipeline.pruning.regularizer import soft_keep
 
 
 def build_indices(
@@ -54,10 +56,11 @@ class BlockScores(nn.Module):
         threshold_init: float = 10.0,
         score_init: float = 0.0,
         row_balanced: bool = False,
+        threshold_grad: str = "sigmoid",
     ) -> None:
         super().__init__()
         self.keys = list(indices)
-        self.row_balanced = row_balanced
+        self.row_balanced, self.threshold_grad = row_balanced, threshold_grad
         self.scores = nn.ParameterDict(
             {k: nn.Parameter(torch.full(ix.grid, float(score_init))) for k, ix in indices.items()}
         )
@@ -95,7 +98,7 @@ class BlockScores(nn.Module):
             area = self.area(k)
             with torch.no_grad():
                 exact = (self.mask(k).double() * area).sum()
-            soft = torch.sigmoid(self.thresholds[k].double()) * area.sum()
+            soft = soft_keep(self.thresholds[k], self.threshold_grad) * area.sum()
             total = total + soft + (exact - soft).detach()
         return total
 

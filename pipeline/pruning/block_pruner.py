@@ -103,7 +103,9 @@ class BlockPruner(DistilledPruning):
         self.geo = geometry(self.student)
         self.units, self.revival = self._revive(units1)
         indices = build_indices(self.units, self.geo, self.block)
-        self.scores = BlockScores(indices, cfg.threshold_init, cfg.score_init, cfg.row_balanced)
+        self.scores = BlockScores(
+            indices, cfg.threshold_init, cfg.score_init, cfg.row_balanced, cfg.threshold_grad
+        )
         attach_blocks(layer_linears(self.student), self.scores, indices)
         self.total = self.geo.num_layers * layer_weights(self.geo)
         self.step1_ratio = counted_ratio(units1, self.geo)

@@ -215,7 +215,7 @@ class Pruner(DistilledPruning):
         return f"pruning {student} on {self.cfg.task} to r* = {self.cfg.target}: {self.total_steps} steps"
 
     def ratio(self) -> torch.Tensor:
-        return remaining_ratio(self.scores)
+        return remaining_ratio(self.scores, self.cfg.threshold_grad)
 
     def eval_ratios(self, masks: dict[str, torch.Tensor]) -> dict[str, float]:
         return {"remaining_ratio": counted_ratio(masks, self.scores.geo)}

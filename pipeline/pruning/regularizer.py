@@ -19,6 +19,19 @@ still pulling every threshold down:
 
     frac = sigmoid(t) + (ceil(sigmoid(t) * N) / N - sigmoid(t)).detach()
 
+Gradient of the fraction with respect to t (``threshold_grad``):
+
+- ``sigmoid`` (the reference code): d frac / dt = sigmoid'(t). At t = 10 this is 4.5e-5, so
+  the regularizer barely reaches a threshold until the noisy task gradient has moved it down;
+  then sigmoid'(t) grows by orders of magnitude and the regularizer takes that matrix alone.
+  With few epochs this collapses the matrices that happened to move first (the largest ones,
+  whose share of r is largest) to a few percent while others keep everything.
+- ``constant``: d frac / dt = 1/4 (sigmoid's slope at 0) whatever t is. Every threshold hears
+  the target from the first step in proportion to its matrix's share of the weights, so the
+  matrices shrink together and the task gradient decides where they part.
+
+The value is the same exact fraction either way; only the push on t differs.
+
 Step 2 (blocks) drives its own ratio with the same regularizer: see
 :mod:`pipeline.pruning.block_masks` (kept-weight count) and :mod:`pipeline.pruning.block_pruner`.
 
@@ -37,9 +50,22 @@ from pipeline.adapters import Geometry
 from pipeline.pruning.binarizer import kept_count
 from pipeline.pruning.masks import MaskScores, unit_sizes
 
+THRESHOLD_GRADS = ("sigmoid", "constant")
 
-def _fraction(threshold: torch.Tensor, n: int) -> torch.Tensor:
+
+def soft_keep(threshold: torch.Tensor, grad: str = "sigmoid") -> torch.Tensor:
+    """sigmoid(t) in float64, with the gradient ``grad`` names (see the module docstring)."""
     soft = torch.sigmoid(threshold.double())  # float64: millions of weights summed exactly
+    if grad == "sigmoid":
+        return soft
+    if grad == "constant":
+        t = threshold.double()
+        return soft.detach() + (t - t.detach()) * 0.25
+    raise ValueError(f"threshold_grad must be one of {THRESHOLD_GRADS}, got {grad!r}")
+
+
+def _fraction(threshold: torch.Tensor, n: int, grad: str) -> torch.Tensor:
+    soft = soft_keep(threshold, grad)
     exact = kept_count(threshold.detach(), n) / n
     return soft + (exact - soft).detach()
 
@@ -49,14 +75,14 @@ def layer_weights(geo: Geometry) -> int:
     return 4 * geo.hidden * attn + 2 * geo.hidden * geo.intermediate
 
 
-def remaining_ratio(scores: MaskScores) -> torch.Tensor:
+def remaining_ratio(scores: MaskScores, grad: str = "sigmoid") -> torch.Tensor:
     """Differentiable r over the whole encoder, equal to the ratio counted from the masks."""
     geo = scores.geo
     sizes = unit_sizes(geo)
     attn = geo.num_heads * geo.head_dim
     kept = torch.zeros((), dtype=torch.float64, device=next(iter(scores.thresholds.values())).device)
     for layer in range(geo.num_layers):
-        f = {u: _fraction(scores.thresholds[f"layer{layer}_{u}"], n) for u, n in sizes.items()}
+        f = {u: _fraction(scores.thresholds[f"layer{layer}_{u}"], n, grad) for u, n in sizes.items()}
         kept = kept + 3 * geo.hidden * attn * f["heads"] + geo.hidden * attn * f["heads"] * f["attn_out"]
         kept = kept + geo.intermediate * geo.hidden * f["ffn_in"] * (1 + f["ffn_out"])
     return kept / (geo.num_layers * layer_weights(geo))
