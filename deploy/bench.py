@@ -1,4 +1,9 @@
-"""ONNX Runtime latency of a model folder, optionally against a baseline, as ratios in one run.
+"""Latency of a model folder, optionally against a baseline, as ratios in one run.
+
+The model runs in ONNX Runtime with ``provider`` (cpu, or cuda / tensorrt with onnxruntime-gpu)
+or, with ``engine`` or a folder holding only model.plan, as a TensorRT engine; the baseline
+folder is opened the same way (``engine`` applies to the model only). GPU timings include the
+host-device copies of inputs and outputs, as a caller of ``session.run`` would see them.
 
 For every (batch, sequence) point both sessions are warmed up, then timed in interleaved rounds:
 each round runs the model ``iters`` times, then the baseline ``iters`` times. Interleaving puts
@@ -7,7 +12,8 @@ machine even when absolute times drift; the reported speedup is the median of th
 Per model: p50/p90/p99 of single-run latencies and throughput (sequences per second at p50).
 
 Inputs are random token ids with a full attention mask (every position real), so latency does
-not depend on the data. The report records versions, threads and the CPU. No torch needed.
+not depend on the data. The report records versions, threads, the CPU and the provider each side
+ran on. No torch needed, except for the engine's CUDA buffers.
 """
 
 from __future__ import annotations
@@ -22,11 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from graph_passes.ort_fusion import DISABLED_AT_LOAD
+from deploy.runtime import PROVIDERS
+from deploy.trt_engine import ENGINE_PROVIDER, open_model, runtime_name
 from mlpruning import __version__
-from mlpruning.errors import UserError
-
-ONNX_FILE = "model.onnx"
 
 
 @dataclass(frozen=True)
@@ -37,8 +41,12 @@ class BenchConfig:
     warmup: int = 5
     rounds: int = 7
     iters: int = 10
+    provider: str = "cpu"
+    engine: bool = False
 
     def __post_init__(self) -> None:
+        if self.provider not in PROVIDERS:
+            raise ValueError(f"provider must be one of {', '.join(PROVIDERS)}, got '{self.provider}'")
         if not self.batches or min(self.batches) < 1:
             raise ValueError(f"batch sizes must be >= 1, got {self.batches}")
         if not self.seqs or min(self.seqs) < 1 or max(self.seqs) > 4096:
@@ -46,20 +54,6 @@ class BenchConfig:
         for name in ("threads", "rounds", "iters"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-
-
-def _session(folder: Path, threads: int) -> Any:
-    import onnxruntime as ort
-
-    path = folder / ONNX_FILE
-    if not path.is_file():
-        raise UserError(f"{folder} has no {ONNX_FILE}: pass a folder written by export or optimize")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(
-        str(path), options, providers=["CPUExecutionProvider"], disabled_optimizers=DISABLED_AT_LOAD
-    )
 
 
 def _inputs(session: Any, batch: int, seq: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -119,9 +113,9 @@ def _point(sessions: dict[str, Any], batch: int, seq: int, cfg: BenchConfig) -> 
 def bench(model_dir: Path, baseline_dir: Path | None, cfg: BenchConfig) -> dict[str, Any]:
     import onnxruntime as ort
 
-    sessions = {"model": _session(model_dir, cfg.threads)}
+    sessions = {"model": open_model(model_dir, cfg.threads, cfg.provider, cfg.engine)}
     if baseline_dir is not None:
-        sessions["baseline"] = _session(baseline_dir, cfg.threads)
+        sessions["baseline"] = open_model(baseline_dir, cfg.threads, cfg.provider)
     points = [_point(sessions, b, s, cfg) for b in cfg.batches for s in cfg.seqs]
     return {
         "model": str(model_dir),
@@ -134,9 +128,21 @@ def bench(model_dir: Path, baseline_dir: Path | None, cfg: BenchConfig) -> dict[
             "python": platform.python_version(),
             "cpu": _cpu_name(),
             "cpu_count": os.cpu_count(),
-            "provider": "CPUExecutionProvider",
+            **_providers(sessions),
         },
     }
+
+
+def _providers(sessions: dict[str, Any]) -> dict[str, Any]:
+    """What each side really ran on (never the asked-for name: a fall-back would show here)."""
+    out: dict[str, Any] = {"provider": runtime_name(sessions["model"])}
+    if "baseline" in sessions:
+        out["baseline_provider"] = runtime_name(sessions["baseline"])
+    if ENGINE_PROVIDER in out.values():
+        import tensorrt
+
+        out["tensorrt"] = tensorrt.__version__
+    return out
 
 
 def _cpu_name() -> str:

@@ -2,14 +2,17 @@
 
 Parity, stage by stage (the export, then the optimized model, so a regression points at one
 pass): fixed-seed batches of real dev examples of mixed lengths, right-padded, run through ONNX
-Runtime (CPU) and the masked PyTorch model. Polygraphy's rule: an element fails only where it
+Runtime (``provider``: CPU by default, or CUDA / TensorRT with onnxruntime-gpu) or, for the last
+stage, a TensorRT engine (``engine``, or a folder holding only model.plan), and the masked
+PyTorch model (on the CPU). Polygraphy's rule: an element fails only where it
 exceeds *both* tolerances, |a - b| > atol and |a - b| > rtol * |b|. Reported: max, mean and p99
 absolute difference, max relative difference, and the atol that would have passed at the given
 rtol. Outputs are per-sequence logits, so no padded position is compared.
 
 Task metric: the whole dev set through ONNX and PyTorch; in fp32 the predictions must agree
-exactly, and the metric is reported for both. The whole check fails (exit 1) if any stage or the
-metric check fails. PyTorch is needed for the reference side only.
+exactly, and the metric is reported for both (an FP16 engine needs looser tolerances, and may flip
+a few predictions: that is reported, not hidden). The whole check fails (exit 1) if any stage or
+the metric check fails. PyTorch is needed for the reference side only (and the engine's buffers).
 """
 
 from __future__ import annotations
@@ -21,10 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from graph_passes.ort_fusion import DISABLED_AT_LOAD
-from mlpruning.errors import UserError
-
-ONNX_FILE = "model.onnx"
+from deploy.trt_engine import model_label, open_model, runtime_name
 
 
 @dataclass(frozen=True)
@@ -58,14 +58,13 @@ def compare(got: np.ndarray, want: np.ndarray, tol: Tolerance) -> dict[str, Any]
     }
 
 
-def _session(folder: Path) -> Any:
-    import onnxruntime as ort
-
-    if not (folder / ONNX_FILE).is_file():
-        raise UserError(f"{folder} has no {ONNX_FILE}: pass a folder written by export or optimize")
-    return ort.InferenceSession(
-        str(folder / ONNX_FILE), providers=["CPUExecutionProvider"], disabled_optimizers=DISABLED_AT_LOAD
-    )
+def open_stages(stages: list[Path], provider: str, engine: bool) -> dict[str, Any]:
+    """Sessions by report label; ``engine`` applies to the last stage (the folder under test)."""
+    sessions = {}
+    for k, folder in enumerate(stages):
+        session = open_model(folder, None, provider, engine and k == len(stages) - 1)
+        sessions[model_label(folder, session)] = session
+    return sessions
 
 
 def _onnx_logits(session: Any, batch: dict[str, Any]) -> np.ndarray:
@@ -86,7 +85,10 @@ def verify(
     data_dir: Path | None,
     tol: Tolerance,
     seed: int = 0,
+    provider: str = "cpu",
+    engine: bool = False,
 ) -> dict[str, Any]:
+    sessions = open_stages(stages, provider, engine)  # before the model: a wrong provider fails fast
     import torch
 
     from pipeline.batching import collate, encode
@@ -104,7 +106,6 @@ def verify(
     )
     model.eval()
     encoded = encode(load_tokenizer(str(reference)), load_split(task, "dev", data_dir), 128)
-    sessions = {str(s): _session(s) for s in stages}
     results = []
     for stage, session in sessions.items():
         got, want = [], []
@@ -113,8 +114,9 @@ def verify(
             with torch.no_grad():
                 want.append(model(**batch).logits.numpy())
             got.append(_onnx_logits(session, batch))
-        results.append({"stage": stage, **compare(np.concatenate(got), np.concatenate(want), tol)})
-    final = sessions[str(stages[-1])]
+        diff = compare(np.concatenate(got), np.concatenate(want), tol)
+        results.append({"stage": stage, "runtime": runtime_name(session), **diff})
+    final = list(sessions.values())[-1]
     torch_out = predict(model, encoded)
     onnx_out = np.concatenate(
         [
@@ -137,6 +139,7 @@ def verify(
     return {
         "reference": str(reference),
         "tolerance": tol.__dict__,
+        "provider": provider,
         "stages": results,
         "metric": metric,
         "passed": passed,

@@ -11,6 +11,16 @@ import typer
 from mlpruning.cli_common import DataDirOpt, TaskOpt, app, echo_err
 from mlpruning.errors import UserError
 
+ProviderOpt = Annotated[
+    str, typer.Option("--provider", help="ONNX Runtime provider: cpu, cuda or tensorrt (onnxruntime-gpu).")
+]
+EngineOpt = Annotated[
+    bool,
+    typer.Option(
+        "--engine", help="Run the folder's model.plan (mlpruning build); automatic when it has no model.onnx."
+    ),
+]
+
 
 @app.command()
 def export(
@@ -70,7 +80,9 @@ def optimize(
 
 @app.command()
 def verify(
-    model_dir: Annotated[Path, typer.Argument(help="Optimized (or exported) folder with model.onnx.")],
+    model_dir: Annotated[
+        Path, typer.Argument(help="Optimized (or exported) folder with model.onnx (or model.plan).")
+    ],
     reference: Annotated[
         Path, typer.Option("--reference", help="The checkpoint it came from (prune/finetune).")
     ],
@@ -82,6 +94,8 @@ def verify(
     rtol: Annotated[float, typer.Option(help="Relative tolerance.")] = 1e-3,
     data_dir: DataDirOpt = None,
     report: Annotated[Path | None, typer.Option("--report", help="Write the JSON report here.")] = None,
+    provider: ProviderOpt = "cpu",
+    engine: EngineOpt = False,
 ) -> None:
     """Check ONNX outputs against PyTorch (per stage) and the dev-set metric; exit 1 on failure."""
     from deploy.verify import Tolerance, dumps, summary_lines
@@ -91,11 +105,13 @@ def verify(
     if not model_dir.is_dir():
         raise UserError(f"model folder {model_dir} does not exist: check the path")
     stages = list(stage or []) or _export_stage(model_dir)
+    if engine and not stage and (model_dir / "model.onnx").is_file():
+        stages.append(model_dir)  # the engine's own ONNX as a stage: a gap then points at the build
     try:
         tol = Tolerance(atol, rtol)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    result = run_verify([*stages, model_dir], reference, task, data_dir, tol)
+    result = run_verify([*stages, model_dir], reference, task, data_dir, tol, 0, provider, engine)
     if report:
         write_text(report, dumps(result) + "\n")
     for line in summary_lines(result):
@@ -123,7 +139,9 @@ def _int_list(values: list[str], flag: str) -> tuple[int, ...]:
 
 @app.command()
 def bench(
-    model_dir: Annotated[Path, typer.Argument(help="Folder with model.onnx (export or optimize output).")],
+    model_dir: Annotated[
+        Path, typer.Argument(help="Folder with model.onnx (export or optimize output) or model.plan (build).")
+    ],
     baseline: Annotated[
         Path | None, typer.Option("--baseline", help="Dense folder to compare against.")
     ] = None,
@@ -138,15 +156,17 @@ def bench(
     rounds: Annotated[int, typer.Option(min=1, help="Interleaved timing rounds.")] = 7,
     iters: Annotated[int, typer.Option(min=1, help="Runs per model per round.")] = 10,
     report: Annotated[Path | None, typer.Option("--report", help="Write the JSON report here.")] = None,
+    provider: ProviderOpt = "cpu",
+    engine: EngineOpt = False,
 ) -> None:
-    """ONNX Runtime CPU latency (p50/p90/p99), and speedup vs --baseline from interleaved rounds."""
+    """Latency (p50/p90/p99) on a provider or engine, and speedup vs --baseline from interleaved rounds."""
     from deploy.bench import BenchConfig, dumps, format_table
     from deploy.bench import bench as run_bench
     from mlpruning.atomic import write_text
 
     try:
         batches, seqs = _int_list(batch or ["1,8"], "--batch"), _int_list(seq or ["128,384"], "--seq")
-        cfg = BenchConfig(batches, seqs, threads, 5, rounds, iters)
+        cfg = BenchConfig(batches, seqs, threads, 5, rounds, iters, provider, engine)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     result = run_bench(model_dir, baseline, cfg)

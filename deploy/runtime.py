@@ -1,0 +1,60 @@
+"""ONNX Runtime sessions for verify, bench and serve: one place that picks the execution provider.
+
+``provider`` is ``cpu`` (always there), ``cuda`` or ``tensorrt`` (both need the onnxruntime-gpu
+package and a GPU). Asking for one that this onnxruntime build lacks is a one-line error naming
+the fix, never a silent fall-back to the CPU: a latency measured on the wrong device would be
+reported as the right one. Every session disables SkipLayerNormalization fusion at load
+(see :mod:`graph_passes.ort_fusion`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from graph_passes.ort_fusion import DISABLED_AT_LOAD
+from mlpruning.errors import UserError
+
+ONNX_FILE = "model.onnx"
+PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+
+
+def providers_for(provider: str) -> list[str]:
+    """The ORT provider list for ``provider``, or a UserError saying what to install."""
+    import onnxruntime as ort
+
+    if provider not in PROVIDERS:
+        raise UserError(f"unknown provider '{provider}': use one of {', '.join(PROVIDERS)}")
+    wanted = PROVIDERS[provider]
+    available = ort.get_available_providers()
+    if wanted[0] not in available:
+        raise UserError(
+            f"{wanted[0]} is not in this onnxruntime ({', '.join(available)}): install onnxruntime-gpu "
+            "on a machine with a CUDA GPU, or use --provider cpu"
+        )
+    return wanted
+
+
+def model_path(folder: Path) -> Path:
+    path = folder / ONNX_FILE
+    if not path.is_file():
+        raise UserError(f"{folder} has no {ONNX_FILE}: pass a folder written by export or optimize")
+    return path
+
+
+def open_session(folder: Path, threads: int | None = None, provider: str = "cpu") -> Any:
+    """An InferenceSession on ``folder/model.onnx``; ``threads`` None leaves ORT's default."""
+    import onnxruntime as ort
+
+    path = model_path(folder)
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return ort.InferenceSession(
+        str(path), options, providers=providers_for(provider), disabled_optimizers=DISABLED_AT_LOAD
+    )
