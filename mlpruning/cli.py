@@ -336,6 +336,7 @@ def inspect(
 # Registered after the training commands so --help lists the stages in pipeline order.
 from mlpruning import cli_onnx  # noqa: E402, F401
 
+from mlpruning import cli_deploy  # noqa: E402, F401  # isort: skip
 from mlpruning import cli_serve  # noqa: E402, F401  # isort: skip
 from mlpruning import cli_engines  # noqa: E402, F401  # isort: skip
 
