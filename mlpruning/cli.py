@@ -339,6 +339,7 @@ from mlpruning import cli_onnx  # noqa: E402, F401
 from mlpruning import cli_deploy  # noqa: E402, F401  # isort: skip
 from mlpruning import cli_serve  # noqa: E402, F401  # isort: skip
 from mlpruning import cli_engines  # noqa: E402, F401  # isort: skip
+from mlpruning import cli_run  # noqa: E402, F401  # isort: skip
 
 
 def main() -> None:

@@ -1,0 +1,158 @@
+"""The config of `mlpruning run`: one TOML file, one table per stage, validated up front.
+
+    [run]        task, threads (torch and ORT threads of the training stages), teacher (an
+                 existing fine-tuned checkpoint to reuse instead of fine-tuning)
+    [finetune]   FinetuneConfig fields (task and model default to [run]'s / MiniLM)
+    [step1]      PruneConfig fields except task and teacher (the run's teacher)
+    [step2]      optional: BlockPruneConfig fields except source (the run's step 1)
+    [export]     exporter, opset
+    [optimize]   scatter_rows, block_sparse, ort_fusion
+    [verify]     atol, rtol
+    [bench]      batches, seqs, threads, rounds, iters
+
+Every table is turned into the same frozen config class the single-stage command uses, so
+a bad value fails here, before any stage runs, with the table named in the message. Each
+stage's part of the config (``stage_inputs``) feeds that stage's input hash in the runner.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from deploy.bench import BenchConfig
+from mlpruning.errors import UserError
+from pipeline.config import BlockPruneConfig, FinetuneConfig, PruneConfig, from_mapping, load_toml
+
+TABLES = ("run", "finetune", "step1", "step2", "export", "optimize", "verify", "bench")
+EXPORTERS = ("torchscript", "dynamo")
+SCATTER = ("auto", "dense", "scatter")
+BLOCK = ("auto", "dense", "sparse")
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    exporter: str = "torchscript"
+    opset: int = 17
+
+    def __post_init__(self) -> None:
+        if self.exporter not in EXPORTERS:
+            raise ValueError(f"exporter must be one of {', '.join(EXPORTERS)}, got {self.exporter!r}")
+        if not 14 <= self.opset <= 23:
+            raise ValueError(f"opset must be in [14, 23], got {self.opset}")
+
+
+@dataclass(frozen=True)
+class OptimizeSettings:
+    scatter_rows: str = "auto"
+    block_sparse: str = "auto"
+    ort_fusion: bool = False
+
+    def __post_init__(self) -> None:
+        if self.scatter_rows not in SCATTER:
+            raise ValueError(f"scatter_rows must be one of {', '.join(SCATTER)}, got {self.scatter_rows!r}")
+        if self.block_sparse not in BLOCK:
+            raise ValueError(f"block_sparse must be one of {', '.join(BLOCK)}, got {self.block_sparse!r}")
+
+
+@dataclass(frozen=True)
+class VerifySettings:
+    atol: float = 1e-4
+    rtol: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.atol < 0 or self.rtol < 0:
+            raise ValueError(f"atol and rtol must be >= 0, got {self.atol}, {self.rtol}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The whole pipeline of one run folder."""
+
+    task: str
+    threads: int | None
+    teacher: str | None  # reuse this fine-tuned checkpoint; None: fine-tune one
+    finetune: FinetuneConfig
+    step1: PruneConfig
+    step2: BlockPruneConfig | None
+    export: ExportSettings
+    optimize: OptimizeSettings
+    verify: VerifySettings
+    bench: BenchConfig
+
+    def stage_inputs(self, stage: str) -> dict[str, Any]:
+        """The config part a stage depends on (``export:step1`` -> the export table)."""
+        table = stage.split(":")[0]
+        if table == "teacher":
+            return {"teacher": self.teacher} if self.teacher else {"finetune": _plain(self.finetune)}
+        return {table: _plain(getattr(self, table))}
+
+
+def _plain(obj: Any) -> Any:
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+
+
+def _table(data: dict[str, Any], name: str) -> dict[str, Any]:
+    value = data.get(name, {})
+    if not isinstance(value, dict):
+        raise UserError(f"[{name}] must be a table in the run config")
+    return dict(value)
+
+
+def _run_table(data: dict[str, Any], path: Path) -> tuple[str, int | None, str | None]:
+    run = _table(data, "run")
+    unknown = sorted(set(run) - {"task", "threads", "teacher"})
+    if unknown:
+        raise UserError(f"{path} [run]: unknown key(s) {', '.join(unknown)}; known: task, teacher, threads")
+    task, threads, teacher = run.get("task", "sst2"), run.get("threads"), run.get("teacher")
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise UserError(f"{path} [run]: threads must be an integer >= 1, got {threads!r}")
+    if teacher is not None and not (Path(teacher) / "config.json").is_file():
+        raise UserError(f"{path} [run]: teacher {teacher} is not a checkpoint folder: fix the path")
+    return task, threads, teacher
+
+
+def load_run_config(path: Path, run_dir: Path) -> RunConfig:
+    """Read and validate ``path``; ``run_dir`` is where the stages will write (it names their inputs)."""
+    data = load_toml(path, "__whole_file__")
+    unknown = sorted(set(data) - set(TABLES))
+    if unknown:
+        raise UserError(f"{path}: unknown table(s) {', '.join(unknown)}; known: {', '.join(TABLES)}")
+    task, threads, teacher = _run_table(data, path)
+    src = str(path)
+    finetune = from_mapping(FinetuneConfig, {"task": task, **_table(data, "finetune")}, f"{src} [finetune]")
+    if finetune.task != from_mapping(FinetuneConfig, {"task": task}, src).task:
+        raise UserError(f"{path} [finetune]: task differs from [run] task {task}: set it in [run] only")
+    for table in ("step1", "step2"):
+        given = table in data or table == "step1"  # step 1 is required, step 2 optional
+        if given and "target" not in _table(data, table):
+            raise UserError(f"{path} [{table}]: set target, the share of encoder weights to keep (e.g. 0.5)")
+    teacher_dir = str(run_dir / "teacher")
+    step1_values = {**_table(data, "step1"), "task": finetune.task, "teacher": teacher_dir}
+    step1 = from_mapping(PruneConfig, step1_values, f"{src} [step1]")
+    step2 = None
+    if "step2" in data:
+        step2_values = {**_table(data, "step2"), "source": str(run_dir / "step1")}
+        step2 = from_mapping(BlockPruneConfig, step2_values, f"{src} [step2]")
+    return RunConfig(
+        task=finetune.task,
+        threads=threads,
+        teacher=teacher,
+        finetune=finetune,
+        step1=step1,
+        step2=step2,
+        export=from_mapping(ExportSettings, _table(data, "export"), f"{src} [export]"),
+        optimize=from_mapping(OptimizeSettings, _table(data, "optimize"), f"{src} [optimize]"),
+        verify=from_mapping(VerifySettings, _table(data, "verify"), f"{src} [verify]"),
+        bench=_bench(_table(data, "bench"), src),
+    )
+
+
+def _bench(values: dict[str, Any], src: str) -> BenchConfig:
+    values = {"batches": (1,), "seqs": (128,), **values}
+    for key in ("batches", "seqs"):
+        if isinstance(values[key], list):
+            values[key] = tuple(values[key])
+    return from_mapping(BenchConfig, values, f"{src} [bench]")

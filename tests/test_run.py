@@ -1,0 +1,149 @@
+"""`mlpruning run`: a tiny pipeline end to end, then skips, reruns and restarts by content hash."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from deploy import run_layout as L
+from mlpruning.cli import app, main
+from mlpruning.run_config import load_run_config
+from mlpruning.runner import RunState, Stage, content_hash, decide
+from tests.conftest import make_glue_dir, save_tiny
+
+CONFIG = """
+[run]
+task = "sst2"
+threads = 1
+
+[finetune]
+model = "{model}"
+epochs = 1
+batch_size = 16
+max_length = 32
+data_dir = "{glue}"
+
+[step1]
+target = 0.5
+epochs = 1
+batch_size = 16
+max_length = 32
+threshold_init = 0.5
+data_dir = "{glue}"
+
+[step2]
+block = 8
+target = 0.6
+epochs = 1
+batch_size = 16
+max_length = 32
+threshold_init = 0.5
+data_dir = "{glue}"
+
+[optimize]
+scatter_rows = "dense"
+block_sparse = "auto"
+
+[bench]
+batches = [1]
+seqs = [16]
+rounds = 2
+iters = 2
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("run")
+    glue = make_glue_dir(root / "glue")
+    model = save_tiny(root / "base", "bert", layers=2, heads=8, hidden=64, ffn=256)
+    config = root / "tiny.toml"
+    config.write_text(CONFIG.format(model=model, glue=glue))
+    return config, root / "out"
+
+
+def _run(config: Path, out: Path, *extra: str):
+    return CliRunner().invoke(app, ["run", str(config), "--out", str(out), "--quiet", *extra])
+
+
+def _state(out: Path) -> dict:
+    return json.loads((out / L.RUN_STATE).read_text())["stages"]
+
+
+def test_run_writes_every_stage_then_skips_them(setup):
+    config, out = setup
+    first = _run(config, out)
+    assert first.exit_code == 0, first.output
+    for v in L.VARIANTS:
+        assert (L.model_dir(out, v) / "model.onnx").is_file(), v
+        assert json.loads(L.verify_report(out, v).read_text())["passed"], v
+    assert (out / L.REPORT_HTML).is_file() and (out / L.REPORT_MD).is_file()
+    summary = json.loads((out / L.SUMMARY).read_text())
+    assert set(summary["variants"]) == set(L.VARIANTS)
+    before = _state(out)
+    assert all(rec["status"] == "done" for rec in before.values())
+    again = _run(config, out)
+    assert again.exit_code == 0, again.output
+    assert _state(out) == before  # nothing ran: the same records, times included
+
+
+def test_changed_input_or_output_reruns_that_stage_and_what_follows(setup):
+    config, out = setup
+    if not (out / L.RUN_STATE).is_file():
+        assert _run(config, out).exit_code == 0
+    before = _state(out)
+    config.write_text(config.read_text().replace("rounds = 2", "rounds = 3"))
+    (L.opt_dir(out, "step2") / "optimize.json").unlink()  # as if a crash lost it
+    result = _run(config, out)
+    assert result.exit_code == 0, result.output
+    after = _state(out)
+    rerun = {k for k in after if after[k]["finished"] != before[k]["finished"]}
+    assert rerun == {"optimize:step2", "verify:step2", "bench:step2", "bench:step1"}
+
+
+def test_interrupted_training_stage_resumes(tmp_path):
+    out = tmp_path / "step1"
+    (out / "resume").mkdir(parents=True)
+    stage = Stage("step1", out, out / "eval.json", (), lambda resume: None, trains=True)
+    state = RunState(tmp_path, tmp_path / "c.toml")
+    state.put("step1", status="started", input_hash="abc")
+    assert decide(stage, "abc", state) == "resume"
+    assert decide(stage, "changed", state) == "run"
+    (out / "eval.json").write_text("{}")
+    state.put("step1", status="done", input_hash="abc", output_hash=content_hash(out))
+    assert decide(stage, "abc", state) == "skip"
+    (out / "eval.json").write_text('{"edited": true}')
+    assert decide(stage, "abc", state) == "run"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[run]\nthreads = 0\n", "threads must be"),
+        ("[step1]\ntarget = 1.5\n", "[step1]: target must be in (0, 1]"),
+        ("[step1]\ntarget = 0.5\n[bench]\nbatches = [0]\n", "[bench]"),
+        ("[finetune]\nepochs = 1\n", "[step1]: set target"),
+        ("[step1]\ntarget = 0.5\n[optimize]\nscatter_rows = 'fast'\n", "scatter_rows must be one of"),
+        ("[wrong]\n", "unknown table(s) wrong"),
+        ("[run]\nteacher = '/nonexistent'\n", "is not a checkpoint folder"),
+    ],
+)
+def test_bad_configs_are_one_line_errors(tmp_path, monkeypatch, capsys, text, message):
+    config = tmp_path / "bad.toml"
+    config.write_text(text)
+    monkeypatch.setattr(sys, "argv", ["mlpruning", "run", str(config), "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_quick_preset_is_valid(tmp_path):
+    cfg = load_run_config(Path("configs/run-quick-sst2.toml"), tmp_path)
+    assert cfg.task == "sst2" and cfg.step2 is not None
