@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
@@ -56,7 +57,8 @@ def run_pipeline(
     run.mkdir(parents=True, exist_ok=True)
     console.print(f"run {config} -> {run}: {len(stages)} stages")
     try:
-        results = execute(stages, cfg, RunState(run, config), console.print, forced)
+        log = partial(console.print, markup=False, highlight=False)  # "[step1]" is not rich markup
+        results = execute(stages, cfg, RunState(run, config), log, forced)
     except Interrupted:
         echo_err(f"interrupted: state saved in {run}; run the same command again to continue")
         raise typer.Exit(130) from None

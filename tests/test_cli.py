@@ -10,7 +10,23 @@ from pathlib import Path
 
 import pytest
 
-COMMANDS = ("finetune", "eval", "tasks", "prune", "inspect", "export", "optimize", "bench", "verify")
+COMMANDS = (
+    "finetune",
+    "eval",
+    "tasks",
+    "prune",
+    "inspect",
+    "export",
+    "optimize",
+    "bench",
+    "verify",
+    "run",
+    "report",
+    "compare",
+    "serve",
+    "export-triton",
+    "build",
+)
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:

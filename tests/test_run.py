@@ -144,6 +144,8 @@ def test_bad_configs_are_one_line_errors(tmp_path, monkeypatch, capsys, text, me
     assert not (tmp_path / "out").exists()
 
 
-def test_quick_preset_is_valid(tmp_path):
-    cfg = load_run_config(Path("configs/run-quick-sst2.toml"), tmp_path)
+@pytest.mark.parametrize("preset", ["run-quick-sst2.toml", "run-paper-bert-base-sst2.toml"])
+def test_presets_are_valid(tmp_path, preset):
+    cfg = load_run_config(Path("configs") / preset, tmp_path)
     assert cfg.task == "sst2" and cfg.step2 is not None
+    assert cfg.step1.teacher == str(tmp_path / "teacher") and cfg.step2.source == str(tmp_path / "step1")
