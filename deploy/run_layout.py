@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mlpruning.errors import UserError
+
 VARIANTS = ("dense", "step1", "step2")
 RUN_STATE = "run.json"
 SUMMARY = "summary.json"
@@ -69,3 +71,29 @@ def best_variant(run: Path) -> str:
     if not present:
         raise FileNotFoundError(f"{run} holds no model: run `mlpruning run CONFIG` first")
     return present[-1]
+
+
+def resolve_variant(
+    path: Path, variant: str | None = None, model_files: tuple[str, ...] = ("model.onnx",)
+) -> tuple[Path, str | None]:
+    """(model folder, variant) for a model folder (one of ``model_files`` in it) or a run folder.
+
+    A model folder is taken as it is when no variant is named; a run folder gives the named
+    variant's model or, by default, the most-pruned one. Anything else is a one-line UserError.
+    """
+    if not path.is_dir():
+        raise UserError(f"{path} does not exist: pass a run folder or a folder with model.onnx")
+    if variant is None and any((path / f).is_file() for f in model_files):
+        return path, None
+    if variant is not None and variant not in VARIANTS:
+        raise UserError(f"unknown variant '{variant}': use one of {', '.join(VARIANTS)}")
+    present = present_variants(path)
+    if not present:
+        raise UserError(
+            f"{path} holds neither model.onnx nor a run's models (opt/<variant>/model.onnx): pass a "
+            "run folder (mlpruning run) or a folder written by export, optimize or build"
+        )
+    chosen = variant or present[-1]
+    if chosen not in present:
+        raise UserError(f"variant '{chosen}' is not in {path}: use one of {', '.join(present)}")
+    return model_dir(path, chosen), chosen

@@ -50,7 +50,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from deploy.batcher import MicroBatcher, QueueFull, ServedModel, read_json
-from deploy.run_layout import RUN_STATE, VARIANTS, bench_report, best_variant, model_dir, present_variants
+from deploy.run_layout import RUN_STATE, VARIANTS, bench_report, model_dir, resolve_variant
 from deploy.run_layout import verify_report as verify_report_path
 from deploy.runtime import PROVIDERS
 from mlpruning import __version__
@@ -110,22 +110,12 @@ class ServeConfig:
 
 def resolve_target(path: Path, variant: str | None = None) -> tuple[Path, Path | None, str | None]:
     """(model folder, run folder or None, variant or None) for a run folder or a model folder."""
-    if not path.is_dir():
-        raise UserError(f"{path} does not exist: pass a run folder or a folder with model.onnx")
-    if (path / "model.onnx").is_file():
-        if variant is not None:
-            raise UserError(f"--variant needs a run folder; {path} is a model folder: drop --variant")
-        return path, *_run_of(path)
-    present = present_variants(path)
-    if not present:
-        raise UserError(
-            f"{path} holds neither model.onnx nor a run's models (opt/<variant>/model.onnx): "
-            "pass a run folder or a folder written by export or optimize"
-        )
-    chosen = variant or best_variant(path)
-    if chosen not in present:
-        raise UserError(f"variant '{chosen}' is not in {path}: use one of {', '.join(present)}")
-    return model_dir(path, chosen), path, chosen
+    if variant is not None and (path / "model.onnx").is_file():
+        raise UserError(f"--variant needs a run folder; {path} is a model folder: drop --variant")
+    folder, chosen = resolve_variant(path, variant)
+    if chosen is None:
+        return folder, *_run_of(folder)
+    return folder, path, chosen
 
 
 def _run_of(folder: Path) -> tuple[Path | None, str | None]:

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from deploy.run_layout import VARIANTS, best_variant, model_dir, present_variants
+from deploy.run_layout import resolve_variant
 from mlpruning import __version__
 from mlpruning.errors import UserError
 
@@ -244,20 +244,7 @@ def schema_check(text: str) -> bool:
 
 def resolve_model_folder(source: Path, variant: str | None) -> tuple[Path, str | None]:
     """A model folder (model.onnx or model.plan in it) as is, or a run folder's variant folder."""
-    if variant is None and any((source / f).is_file() for f in (ONNX_FILE, PLAN_FILE)):
-        return source, None
-    if variant is not None and variant not in VARIANTS:
-        raise UserError(f"unknown variant '{variant}': use one of {', '.join(VARIANTS)}")
-    present = present_variants(source) if source.is_dir() else []
-    if not present:
-        raise UserError(
-            f"{source} holds neither model.onnx nor a run's models: pass a run folder (mlpruning run) "
-            "or a folder written by export, optimize or build"
-        )
-    variant = variant or best_variant(source)
-    if variant not in present:
-        raise UserError(f"{source} has no {variant} model (present: {', '.join(present)})")
-    return model_dir(source, variant), variant
+    return resolve_variant(source, variant, (ONNX_FILE, PLAN_FILE))
 
 
 def _onnx_source(folder: Path) -> Path:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from deploy.bench import BenchConfig
+from deploy.verify import Tolerance
 from mlpruning.errors import UserError
 from pipeline.config import BlockPruneConfig, FinetuneConfig, PruneConfig, from_mapping, load_toml
 
@@ -58,16 +59,6 @@ class OptimizeSettings:
 
 
 @dataclass(frozen=True)
-class VerifySettings:
-    atol: float = 1e-4
-    rtol: float = 1e-3
-
-    def __post_init__(self) -> None:
-        if self.atol < 0 or self.rtol < 0:
-            raise ValueError(f"atol and rtol must be >= 0, got {self.atol}, {self.rtol}")
-
-
-@dataclass(frozen=True)
 class RunConfig:
     """The whole pipeline of one run folder."""
 
@@ -79,7 +70,7 @@ class RunConfig:
     step2: BlockPruneConfig | None
     export: ExportSettings
     optimize: OptimizeSettings
-    verify: VerifySettings
+    verify: Tolerance
     bench: BenchConfig
 
     def stage_inputs(self, stage: str) -> dict[str, Any]:
@@ -145,7 +136,7 @@ def load_run_config(path: Path, run_dir: Path) -> RunConfig:
         step2=step2,
         export=from_mapping(ExportSettings, _table(data, "export"), f"{src} [export]"),
         optimize=from_mapping(OptimizeSettings, _table(data, "optimize"), f"{src} [optimize]"),
-        verify=from_mapping(VerifySettings, _table(data, "verify"), f"{src} [verify]"),
+        verify=from_mapping(Tolerance, _table(data, "verify"), f"{src} [verify]"),
         bench=_bench(_table(data, "bench"), src),
     )
 

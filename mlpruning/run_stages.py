@@ -66,14 +66,13 @@ class StageActions:
         return {"passes": [p.get("name") for p in report["passes"]]}
 
     def verify(self, variant: str, resume: bool) -> dict[str, Any]:
-        from deploy.verify import Tolerance, verify
+        from deploy.verify import verify
 
         stages = [L.onnx_dir(self.run, variant)]
         if variant != "dense":
             stages.append(L.opt_dir(self.run, variant))
         data_dir = Path(self.cfg.finetune.data_dir) if self.cfg.finetune.data_dir else None
-        tol = Tolerance(self.cfg.verify.atol, self.cfg.verify.rtol)
-        report = verify(stages, L.checkpoint_dir(self.run, variant), self.cfg.task, data_dir, tol)
+        report = verify(stages, L.checkpoint_dir(self.run, variant), self.cfg.task, data_dir, self.cfg.verify)
         write_json(L.verify_report(self.run, variant), report)
         return {"passed": report["passed"], "onnx": report["metric"]["onnx"]}
 

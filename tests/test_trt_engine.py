@@ -129,7 +129,9 @@ def test_without_tensorrt_build_and_engine_runs_are_one_line_errors(tmp_path):
 def test_build_input_errors(tmp_path):
     folder = make_classifier(tmp_path / "m")
     assert_one_line_error(run_cli("build", str(folder), "--batch", "8,4,16"), "batch must be MIN,OPT,MAX")
-    assert_one_line_error(run_cli("build", str(tmp_path / "nope")), "holds neither model.onnx")
+    assert_one_line_error(run_cli("build", str(tmp_path / "nope")), "does not exist")
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(run_cli("build", str(tmp_path / "empty")), "holds neither model.onnx")
 
 
 def test_bench_provider_is_checked_and_recorded(tmp_path):
