@@ -3,7 +3,7 @@
 :class:`ServedModel` loads a model folder once (``model.onnx``, ``config.json``, tokenizer files):
 the tokenizer straight from ``tokenizer.json`` with the ``tokenizers`` library, so the serving
 process never imports torch (a folder with only slow-tokenizer files goes through transformers
-once to convert it), and the ORT session through :func:`deploy.runtime.open_session`. It
+once to convert it), and the ORT session (or TensorRT engine) through :func:`deploy.trt_engine.open_model`. It
 tokenizes without padding; :meth:`ServedModel.run_batch` right-pads a batch to its longest
 sequence. Padding does not change a sequence's logits beyond float rounding: padded positions
 are masked out of attention.
@@ -41,7 +41,7 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from deploy.runtime import model_path, open_session
+from deploy.trt_engine import open_model
 from mlpruning.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -187,8 +187,9 @@ class ServedModel:
         provider: str = "cpu",
         max_tokens: int | None = None,
         truncate: bool = False,
+        engine: bool = False,
     ) -> None:
-        model_path(folder)  # the one-line error for a folder without model.onnx
+        self.session = open_model(folder, threads, provider, engine)  # one-line error if no model
         self.config = read_json(folder / "config.json")
         if self.config is None:
             raise UserError(f"{folder} has no readable config.json: pass a folder written by export")
@@ -197,11 +198,13 @@ class ServedModel:
         self.max_tokens = _token_limit(folder, self.config, max_tokens)
         if truncate:
             self.tokenizer.enable_truncation(self.max_tokens)
-        self.session = open_session(folder, threads, provider)
-        self.inputs = {i.name: np.int32 if "int32" in i.type else np.int64 for i in self.session.get_inputs()}
+        # a TensorRT engine's tensors carry names only: int64 ids, width from the labels
+        inputs = self.session.get_inputs()
+        self.inputs = {i.name: np.int32 if "int32" in getattr(i, "type", "") else np.int64 for i in inputs}
         output = self.session.get_outputs()[0]
         self.output = output.name
-        width = output.shape[-1] if isinstance(output.shape[-1], int) else None
+        last = getattr(output, "shape", [None])[-1]
+        width = last if isinstance(last, int) else None
         self.regression = self.config.get("problem_type") == "regression" or width == 1
         self.labels = _label_names(self.config, self.task)
         self.pairs = None if self.task is None else len(self.task.text_columns) == 2

@@ -75,6 +75,7 @@ class ServeConfig:
     port: int = 8000
     threads: int | None = None  # ORT intra-op threads; None: ORT's default (all cores)
     provider: str = "cpu"
+    engine: bool = False  # serve the folder's model.plan (mlpruning build) instead of model.onnx
     max_batch: int = 32
     max_wait_ms: float = 2.0  # every lone request pays it: a short window (see deploy.batcher)
     max_texts: int = 64
@@ -112,7 +113,7 @@ def resolve_target(path: Path, variant: str | None = None) -> tuple[Path, Path |
     """(model folder, run folder or None, variant or None) for a run folder or a model folder."""
     if variant is not None and (path / "model.onnx").is_file():
         raise UserError(f"--variant needs a run folder; {path} is a model folder: drop --variant")
-    folder, chosen = resolve_variant(path, variant)
+    folder, chosen = resolve_variant(path, variant, ("model.onnx", "model.plan"))
     if chosen is None:
         return folder, *_run_of(folder)
     return folder, path, chosen
@@ -293,7 +294,7 @@ _PREDICT_DOC = {"requestBody": {"required": True, "content": {"application/json"
 
 def create_app(cfg: ServeConfig) -> FastAPI:
     """The FastAPI app for ``cfg``: loads and warms the model now, starts the batcher at startup."""
-    model = ServedModel(cfg.model_dir, cfg.threads, cfg.provider, cfg.max_tokens, cfg.truncate)
+    model = ServedModel(cfg.model_dir, cfg.threads, cfg.provider, cfg.max_tokens, cfg.truncate, cfg.engine)
     model.warm_up(cfg.max_batch)
     batcher = MicroBatcher(model.run_batch, cfg.max_batch, cfg.max_wait_ms, cfg.max_queue)
     metadata = build_metadata(cfg, model)

@@ -31,6 +31,9 @@ def serve(
         typer.Option("--threads", min=1, help="ORT intra-op threads (default: ORT's choice, all cores)."),
     ] = None,
     provider: Annotated[str, typer.Option(help="ONNX Runtime provider: cpu, cuda or tensorrt.")] = "cpu",
+    engine: Annotated[
+        bool, typer.Option("--engine", help="Serve the folder's TensorRT model.plan (mlpruning build).")
+    ] = False,
     max_batch: Annotated[int, typer.Option(help="Most texts per model run (micro-batch).")] = 32,
     max_wait_ms: Annotated[
         float, typer.Option(help="Longest wait for a micro-batch to fill (0: no wait).")
@@ -67,6 +70,7 @@ def serve(
             port=port,
             threads=threads,
             provider=provider,
+            engine=engine,
             max_batch=max_batch,
             max_wait_ms=max_wait_ms,
             max_texts=max_texts,

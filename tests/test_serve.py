@@ -150,6 +150,15 @@ def test_pairs(pair_folder: Path) -> None:
         assert status == 422 and "takes text pairs" in body["detail"]
 
 
+def test_engine_needs_a_plan_and_a_plan_only_folder_is_served_as_one(folder: Path, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="has no model.plan: build one"):
+        ServedModel(folder, threads=1, engine=True)
+    plan_only = tmp_path / "engine"
+    plan_only.mkdir()
+    (plan_only / "model.plan").write_bytes(b"not built here")
+    assert resolve_target(plan_only) == (plan_only, None, None)
+
+
 @pytest.mark.parametrize(
     ("body", "status", "fragment"),
     [
