@@ -81,23 +81,44 @@ def glue_dir(tmp_path) -> Path:
     return make_glue_dir(tmp_path / "glue")
 
 
-@pytest.fixture(scope="session")
-def masked(tmp_path_factory):
-    """A tiny masked checkpoint: threshold 0.5 prunes ~38% of every unit from the first step."""
-    from pipeline.config import FinetuneConfig, PruneConfig
+def random_bert(layers: int, heads: int, hidden: int, ffn: int, seed: int = 0):
+    """An untrained BertForSequenceClassification (vocabulary 100), in eval mode."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=100,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=ffn,
+        max_position_embeddings=32,
+    )
+    return BertForSequenceClassification(cfg).eval()
+
+
+def train_tiny_teacher(root: Path, heads: int, **settings) -> tuple[Path, Path]:
+    """A tiny BERT (2 layers, hidden 64, FFN 256) fine-tuned on a tiny SST-2: (teacher, glue dir)."""
+    from pipeline.config import FinetuneConfig
     from pipeline.finetune import Finetuner
+
+    glue = make_glue_dir(root / "glue")
+    base = save_tiny(root / "base", "bert", layers=2, heads=heads, hidden=64, ffn=256)
+    settings = {"epochs": 4, "batch_size": 8, "learning_rate": 5e-4, **settings}
+    cfg = FinetuneConfig(task="sst2", model=str(base), data_dir=str(glue), max_length=32, **settings)
+    Finetuner(cfg, root / "teacher").run()
+    return root / "teacher", glue
+
+
+def prune_tiny(teacher: Path, glue: Path, out: Path) -> Path:
+    """Step 1 to 0.5 in one epoch; threshold 0.5 prunes ~38% of every unit from the first step."""
+    from pipeline.config import PruneConfig
     from pipeline.pruning.pruner import Pruner
 
-    root = tmp_path_factory.mktemp("masked")
-    glue = make_glue_dir(root / "glue")
-    base = save_tiny(root / "base", "bert", layers=2, heads=8, hidden=64, ffn=256)
-    ft = FinetuneConfig(
-        task="sst2", model=str(base), epochs=1, batch_size=16, data_dir=str(glue), max_length=32
-    )
-    Finetuner(ft, root / "teacher").run()
     cfg = PruneConfig(
         task="sst2",
-        teacher=str(root / "teacher"),
+        teacher=str(teacher),
         target=0.5,
         epochs=1,
         batch_size=16,
@@ -105,7 +126,16 @@ def masked(tmp_path_factory):
         data_dir=str(glue),
         max_length=32,
     )
-    Pruner(cfg, root / "masked").run()
+    Pruner(cfg, out).run()
+    return out
+
+
+@pytest.fixture(scope="session")
+def masked(tmp_path_factory):
+    """A tiny masked checkpoint (``masked/``), pruned from a one-epoch teacher with 8 heads."""
+    root = tmp_path_factory.mktemp("masked")
+    teacher, glue = train_tiny_teacher(root, heads=8, epochs=1, batch_size=16, learning_rate=1e-4)
+    prune_tiny(teacher, glue, root / "masked")
     return root
 
 

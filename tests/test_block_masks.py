@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification
 
 from mlpruning.errors import UserError
 from pipeline.adapters import Geometry, geometry, layer_linears
@@ -16,25 +15,13 @@ from pipeline.pruning.block_masks import BlockScores, attach_blocks, build_indic
 from pipeline.pruning.blocks import MATRICES, block_index, check_block_fits, kept_weights
 from pipeline.pruning.masks import UNITS, detach_masks, unit_sizes
 from pipeline.pruning.revive import magnitude_ranking, revive
+from tests.conftest import random_bert
 
 SHAPES = [  # (layers, heads, hidden, ffn, block)
     (2, 4, 64, 256, (16, 16)),
     (3, 2, 64, 128, (32, 32)),
     (1, 4, 128, 384, (32, 16)),
 ]
-
-
-def _bert(layers, heads, hidden, ffn, seed=0):
-    torch.manual_seed(seed)
-    cfg = BertConfig(
-        vocab_size=100,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        intermediate_size=ffn,
-        max_position_embeddings=32,
-    )
-    return BertForSequenceClassification(cfg).eval()
 
 
 def _units(geo: Geometry, block: tuple[int, int], seed: int) -> dict[str, torch.Tensor]:
@@ -107,7 +94,7 @@ def _reference_weight(weight, units, geo, layer, matrix, blocks, block):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_block_masks_forward_and_backward(shape):
     *dims, block = shape
-    model = _bert(*dims)
+    model = random_bert(*dims)
     geo = geometry(model)
     units = _units(geo, block, seed=1)
     indices = build_indices(units, geo, block)
@@ -148,7 +135,7 @@ def test_analytic_kept_count_equals_masks_and_zeros(shape, row_balanced):
     *dims, block = shape
     gen = torch.Generator().manual_seed(sum(dims))
     for trial in range(3):
-        model = _bert(*dims, seed=trial)
+        model = random_bert(*dims, seed=trial)
         geo = geometry(model)
         units = _units(geo, block, seed=trial)
         indices = build_indices(units, geo, block)
@@ -169,7 +156,7 @@ def test_analytic_kept_count_equals_masks_and_zeros(shape, row_balanced):
 
 
 def test_kept_count_gradient_reaches_every_threshold():
-    model = _bert(2, 4, 64, 256)
+    model = random_bert(2, 4, 64, 256)
     geo = geometry(model)
     units = _units(geo, (16, 16), seed=0)
     scores = BlockScores(build_indices(units, geo, (16, 16)), threshold_init=1.0)
@@ -197,7 +184,7 @@ def test_revival_rounds_up_with_the_next_best_rows():
 
 
 def test_magnitude_ranking_prefers_the_larger_neuron():
-    model = _bert(1, 4, 64, 256)
+    model = random_bert(1, 4, 64, 256)
     geo = geometry(model)
     lin = layer_linears(model)[0]
     with torch.no_grad():

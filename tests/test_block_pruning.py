@@ -11,14 +11,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mlpruning.errors import UserError
-from pipeline.config import BlockPruneConfig, FinetuneConfig, PruneConfig, build_config
-from pipeline.finetune import Finetuner
+from pipeline.config import BlockPruneConfig, build_config
 from pipeline.pruning.block_pruner import BlockPruner
 from pipeline.pruning.blocks import MATRICES, block_index, block_key
 from pipeline.pruning.checkpoint import load_masked, read_manifest, read_masks
-from pipeline.pruning.pruner import Pruner
 from pipeline.trainloop import RESUME_FILE, Interrupted
-from tests.conftest import make_glue_dir, save_tiny
+from tests.conftest import prune_tiny, train_tiny_teacher
 from tests.test_cli import assert_one_line_error, run_cli
 
 
@@ -26,30 +24,8 @@ from tests.test_cli import assert_one_line_error, run_cli
 def step1(tmp_path_factory):
     """A tiny step-1 checkpoint: BERT with 4 heads of 16, hidden 64, FFN 256, ~0.55 kept."""
     root = tmp_path_factory.mktemp("block")
-    glue = make_glue_dir(root / "glue")
-    base = save_tiny(root / "base", "bert", layers=2, heads=4, hidden=64, ffn=256)
-    ft = FinetuneConfig(
-        task="sst2",
-        model=str(base),
-        epochs=4,
-        batch_size=8,
-        learning_rate=5e-4,
-        data_dir=str(glue),
-        max_length=32,
-    )
-    Finetuner(ft, root / "teacher").run()
-    cfg = PruneConfig(
-        task="sst2",
-        teacher=str(root / "teacher"),
-        target=0.5,
-        epochs=1,
-        batch_size=16,
-        threshold_init=0.5,  # prunes ~38% of every unit from the first step
-        data_dir=str(glue),
-        max_length=32,
-    )
-    Pruner(cfg, root / "step1").run()
-    return root / "step1", glue
+    teacher, glue = train_tiny_teacher(root, heads=4)
+    return prune_tiny(teacher, glue, root / "step1"), glue
 
 
 def _cfg(step1, target=0.5, **kw):

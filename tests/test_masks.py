@@ -5,8 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
     DistilBertConfig,
     DistilBertForSequenceClassification,
 )
@@ -14,25 +12,13 @@ from transformers import (
 from pipeline.adapters import geometry, layer_linears
 from pipeline.pruning.masks import UNITS, MaskScores, attach, detach_masks
 from pipeline.pruning.regularizer import adaptive_regularizer, counted_ratio, remaining_ratio
+from tests.conftest import random_bert
 
 SHAPES = [  # (layers, heads, hidden, ffn)
     (2, 4, 32, 64),
     (3, 6, 48, 200),
     (1, 12, 96, 384),
 ]
-
-
-def _bert(layers, heads, hidden, ffn, seed=0):
-    torch.manual_seed(seed)
-    cfg = BertConfig(
-        vocab_size=100,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        intermediate_size=ffn,
-        max_position_embeddings=32,
-    )
-    return BertForSequenceClassification(cfg).eval()
 
 
 def _random_thresholds(scores: MaskScores, gen: torch.Generator) -> None:
@@ -44,7 +30,7 @@ def _random_thresholds(scores: MaskScores, gen: torch.Generator) -> None:
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_analytic_ratio_equals_ratio_counted_from_masks(shape):
-    model = _bert(*shape)
+    model = random_bert(*shape)
     scores = MaskScores(geometry(model), threshold_init=10.0)
     assert float(remaining_ratio(scores).detach()) == pytest.approx(1.0)
     gen = torch.Generator().manual_seed(sum(shape))
@@ -69,11 +55,11 @@ def test_analytic_ratio_equals_ratio_counted_from_masks(shape):
         )
         assert 1 - zeros / total == pytest.approx(counted_ratio(masks, scores.geo), abs=1e-9)
         detach_masks(layer_linears(model))
-        model = _bert(*shape)
+        model = random_bert(*shape)
 
 
 def test_regularizer_gradient_reaches_every_threshold():
-    scores = MaskScores(geometry(_bert(2, 4, 32, 64)), threshold_init=1.0)
+    scores = MaskScores(geometry(random_bert(2, 4, 32, 64)), threshold_init=1.0)
     reg = adaptive_regularizer(remaining_ratio(scores), target=0.5, lambda_final=100.0, lambda_min=5.0)
     assert reg.lam == pytest.approx(max(100.0 * reg.gap / 0.25, 5.0))
     reg.penalty.backward()
@@ -83,7 +69,7 @@ def test_regularizer_gradient_reaches_every_threshold():
 
 
 def test_constant_threshold_grad_keeps_the_value_and_reaches_thresholds_at_10():
-    geo = geometry(_bert(2, 4, 32, 64))
+    geo = geometry(random_bert(2, 4, 32, 64))
     scores = MaskScores(geo, threshold_init=10.0)
     grads = {}
     for mode in ("sigmoid", "constant"):
@@ -107,8 +93,8 @@ def test_constant_threshold_grad_keeps_the_value_and_reaches_thresholds_at_10():
 
 
 def test_masked_forward_equals_manually_zeroed_model():
-    model = _bert(2, 4, 32, 64)
-    reference = _bert(2, 4, 32, 64)
+    model = random_bert(2, 4, 32, 64)
+    reference = random_bert(2, 4, 32, 64)
     scores = MaskScores(geometry(model))
     _random_thresholds(scores, torch.Generator().manual_seed(3))
     masks = scores.freeze()

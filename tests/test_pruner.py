@@ -12,12 +12,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mlpruning.errors import UserError
-from pipeline.config import FinetuneConfig, PruneConfig
-from pipeline.finetune import Finetuner
+from pipeline.config import PruneConfig
 from pipeline.pruning.checkpoint import load_masked, read_masks
 from pipeline.pruning.pruner import Pruner
 from pipeline.trainloop import RESUME_FILE, Interrupted
-from tests.conftest import save_tiny
+from tests.conftest import save_tiny, train_tiny_teacher
 
 
 @pytest.fixture(scope="module")
@@ -26,22 +25,7 @@ def teacher(tmp_path_factory):
 
     Eight heads keep one head at ~1.6% of the encoder weights, fine enough to land within 0.02.
     """
-    from tests.conftest import make_glue_dir
-
-    root = tmp_path_factory.mktemp("prune")
-    glue = make_glue_dir(root / "glue")
-    base = save_tiny(root / "base", "bert", layers=2, heads=8, hidden=64, ffn=256)
-    cfg = FinetuneConfig(
-        task="sst2",
-        model=str(base),
-        epochs=4,
-        batch_size=8,
-        learning_rate=5e-4,
-        data_dir=str(glue),
-        max_length=32,
-    )
-    Finetuner(cfg, root / "teacher").run()
-    return root / "teacher", glue
+    return train_tiny_teacher(tmp_path_factory.mktemp("prune"), heads=8)
 
 
 def _cfg(teacher, target=0.5, **kw):
