@@ -17,6 +17,7 @@ from pipeline.models import DEFAULT_MODEL
 from pipeline.tasks import get_task
 
 T = TypeVar("T")
+THRESHOLD_GRADS = ("sigmoid", "constant")  # see pipeline.pruning.regularizer
 
 
 def _check(cond: bool, field: str, rule: str, value: Any) -> None:
@@ -177,7 +178,7 @@ def _check_pruning(cfg: Any) -> None:
     _check(cfg.threshold_init > 0, "threshold_init", "> 0 (keep everything at the start)", cfg.threshold_init)
     _check(cfg.temperature > 0, "temperature", "> 0", cfg.temperature)
     grad = cfg.threshold_grad
-    _check(grad in ("sigmoid", "constant"), "threshold_grad", "sigmoid or constant", grad)
+    _check(grad in THRESHOLD_GRADS, "threshold_grad", " or ".join(THRESHOLD_GRADS), grad)
     for name in ("alpha_distil", "alpha_ce", "hidden_weight", "attention_weight"):
         _check(getattr(cfg, name) >= 0, name, ">= 0", getattr(cfg, name))
 

@@ -32,7 +32,7 @@ from mlpruning.errors import UserError
 from pipeline.adapters import Geometry, geometry, layer_linears
 from pipeline.config import BlockPruneConfig
 from pipeline.evaluate import EvalResult
-from pipeline.finetune import load_task_data, versions
+from pipeline.finetune import load_task_data
 from pipeline.models import load_for_task, load_tokenizer, resolve_model
 from pipeline.progress import TrainProgress
 from pipeline.pruning.block_masks import BlockScores, attach_blocks, build_indices
@@ -192,11 +192,7 @@ class BlockPruner(DistilledPruning):
             },
             "revival": self.revival,
             "remaining_ratio_of_step1": ratios["remaining_ratio_of_step1"],
-            "config": self.cfg.to_dict(),
-            "steps": self.state.step,
-            "wall_time_s": round(self.state.elapsed, 1),
-            "history": self.state.history,
-            "versions": versions(),
+            **self.run_record(),
         }
         manifest = build_manifest(self.student, masks, extra)
         evaluation = {

@@ -160,6 +160,16 @@ class DistilledPruning(TrainLoop):
             result.outputs,
         )
 
+    def run_record(self) -> dict[str, Any]:
+        """The manifest fields both steps record about the run itself."""
+        return {
+            "config": self.cfg.to_dict(),
+            "steps": self.state.step,
+            "wall_time_s": round(self.state.elapsed, 1),
+            "history": self.state.history,
+            "versions": versions(),
+        }
+
     def write_checkpoint(
         self, masks: dict[str, torch.Tensor], manifest: dict[str, Any], evaluation: dict[str, Any]
     ) -> None:
@@ -229,11 +239,7 @@ class Pruner(DistilledPruning):
             "teacher": self.cfg.teacher,
             "base_model": base_model_of(self.cfg.teacher),
             "student_init": self.cfg.student or self.cfg.teacher,
-            "config": self.cfg.to_dict(),
-            "steps": self.state.step,
-            "wall_time_s": round(self.state.elapsed, 1),
-            "history": self.state.history,
-            "versions": versions(),
+            **self.run_record(),
         }
         manifest = build_manifest(self.student, masks, extra)
         evaluation = {

@@ -47,10 +47,9 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.adapters import Geometry
+from pipeline.config import THRESHOLD_GRADS
 from pipeline.pruning.binarizer import kept_count
 from pipeline.pruning.masks import MaskScores, unit_sizes
-
-THRESHOLD_GRADS = ("sigmoid", "constant")
 
 
 def soft_keep(threshold: torch.Tensor, grad: str = "sigmoid") -> torch.Tensor:
