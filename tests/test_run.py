@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from deploy import run_layout as L
@@ -149,3 +150,35 @@ def test_presets_are_valid(tmp_path, preset):
     cfg = load_run_config(Path("configs") / preset, tmp_path)
     assert cfg.task == "sst2" and cfg.step2 is not None
     assert cfg.step1.teacher == str(tmp_path / "teacher") and cfg.step2.source == str(tmp_path / "step1")
+
+
+def _workflow_steps() -> list[dict]:
+    workflow = yaml.safe_load(Path(".github/workflows/quick-run.yml").read_text())
+    (job,) = workflow["jobs"].values()
+    return job["steps"]
+
+
+def test_ci_workflow_gates_and_uploads_what_a_run_writes(setup, tmp_path):
+    """The workflow's commands are ours and its upload paths are what `run` + `compare` write."""
+    config, out = setup
+    if not (out / L.RUN_STATE).is_file():
+        assert _run(config, out).exit_code == 0
+    steps = _workflow_steps()
+    demo = next(s["run"] for s in steps if "make demo" in s.get("run", ""))
+    run_dir = demo.split("DEMO_OUT=")[1].split()[0]
+    assert "demo:" in Path("Makefile").read_text()
+    gate = next(s["run"] for s in steps if " compare " in s.get("run", "")).split()
+    assert gate[0] == ".venv/bin/mlpruning" and gate[2] == run_dir
+    baseline = Path(gate[gate.index("--baseline") + 1])
+    assert json.loads(baseline.read_text())["task"] == "sst2"
+    # the same gate on the tiny run, against a baseline written from it
+    own = tmp_path / "own.json"
+    assert CliRunner().invoke(app, ["compare", str(out), "--write-baseline", str(own)]).exit_code == 0
+    args = [a.replace(run_dir, str(out)) for a in gate[1:]]
+    args[args.index("--baseline") + 1] = str(own)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    upload = next(s for s in steps if "upload-artifact" in s.get("uses", ""))
+    assert upload["if"] == "always()"
+    for path in upload["with"]["path"].split():
+        assert Path(path.replace(run_dir, str(out))).exists(), path
