@@ -82,11 +82,12 @@ class BlockScores(nn.Module):
         return block_topk_mask(self.scores[key], self.thresholds[key], live, self.row_balanced)
 
     def freeze(self) -> dict[str, torch.Tensor]:
-        """Fix every block mask, returned under its masks-dict key (``layer0_query_blocks``)."""
+        """Fix every block mask; CPU copies are returned under their masks-dict keys
+        (``layer0_query_blocks``), since step 1's unit masks they are merged with live on the CPU."""
         with torch.no_grad():
             self.fixed = {}
             self.fixed = {k: self.mask(k).detach().clone() for k in self.keys}
-        return {f"{k}_blocks": m for k, m in self.fixed.items()}
+        return {f"{k}_blocks": m.cpu() for k, m in self.fixed.items()}
 
     def unfreeze(self) -> None:
         self.fixed = {}

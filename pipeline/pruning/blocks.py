@@ -134,7 +134,8 @@ def kept_weights(masks: dict[str, torch.Tensor], geo: Geometry) -> dict[tuple[in
     for layer in range(geo.num_layers):
         for matrix in MATRICES:
             index = block_index(masks, geo, layer, matrix, block_of_mask(masks, geo, layer, matrix))
-            out[layer, matrix] = int((masks[block_key(layer, matrix)].double() * index.area()).sum())
+            mask = masks[block_key(layer, matrix)].detach().cpu()  # a live mask may sit on the GPU
+            out[layer, matrix] = int((mask.double() * index.area()).sum())
     return out
 
 
@@ -142,7 +143,7 @@ def block_entry(masks: dict[str, torch.Tensor], geo: Geometry, layer: int, matri
     """Manifest record of one block mask: shapes, counts and the kept block columns per block-row."""
     block = block_of_mask(masks, geo, layer, matrix)
     index = block_index(masks, geo, layer, matrix, block)
-    mask = masks[block_key(layer, matrix)].bool()
+    mask = masks[block_key(layer, matrix)].detach().bool().cpu()
     live = index.area() > 0
     return {
         "block": list(block),

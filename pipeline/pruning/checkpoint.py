@@ -112,7 +112,7 @@ def remaining_ratio_of(masks: dict[str, torch.Tensor], geo: Geometry) -> float:
 
 
 def _indices(mask: torch.Tensor) -> list[int]:
-    return [int(i) for i in torch.nonzero(mask.bool()).flatten()]
+    return torch.nonzero(mask.bool()).flatten().tolist()
 
 
 def build_manifest(model: Any, masks: dict[str, torch.Tensor], extra: dict[str, Any]) -> dict[str, Any]:
@@ -124,7 +124,7 @@ def build_manifest(model: Any, masks: dict[str, torch.Tensor], extra: dict[str, 
         heads = masks[f"layer{i}_heads"].bool()
         layers.append(
             {
-                "heads_kept": [int(h) for h in torch.nonzero(heads).flatten()],
+                "heads_kept": _indices(heads),
                 "num_heads_kept": int(heads.sum()),
                 "attn_out_rows_kept": int(masks[f"layer{i}_attn_out"].sum()),
                 "ffn_rows_kept": int(masks[f"layer{i}_ffn_in"].sum()),

@@ -75,7 +75,8 @@ class MaskScores(nn.Module):
         return topk_mask(self.scores[key], self.thresholds[key])
 
     def freeze(self) -> dict[str, torch.Tensor]:
-        """Fix every mask at its current value (for evaluation and saving)."""
+        """Fix every mask at its current value (for evaluation and saving); returns CPU copies, for
+        the bookkeeping and files that mix them with CPU tensors, while the forward keeps its own."""
         with torch.no_grad():
             self.fixed = {}
             self.fixed = {
@@ -83,7 +84,7 @@ class MaskScores(nn.Module):
                 for layer in range(self.geo.num_layers)
                 for u in UNITS
             }
-        return dict(self.fixed)
+        return {k: v.cpu() for k, v in self.fixed.items()}
 
     def unfreeze(self) -> None:
         self.fixed = {}
