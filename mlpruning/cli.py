@@ -100,22 +100,39 @@ def finetune(
     from pipeline.config import FinetuneConfig, build_config
 
     cfg = build_config(FinetuneConfig, "finetune", config, overrides, required=("task",))
+    main_rank = _init_distributed(device)
+    set_threads(threads)
+    try:
+        _run_finetune(cfg, out, device, (resume, overwrite), main_rank and not quiet, main_rank)
+    except BaseException:
+        _leave_distributed(wait=False)
+        raise
+    _leave_distributed(wait=True)
+
+
+def _run_finetune(
+    cfg: Any, out: Path, device: str, resume_overwrite: tuple[bool, bool], show: bool, main_rank: bool
+) -> None:
     from pipeline.finetune import Finetuner
     from pipeline.progress import TrainProgress
     from pipeline.trainloop import Interrupted, check_out_dir
 
-    set_threads(threads)
+    resume, overwrite = resume_overwrite
     check_out_dir(out, resume, overwrite)
     console = stderr_console()
-    runner = Finetuner(cfg, out, TrainProgress(enabled=not quiet, console=console), device=device)
-    if not quiet:
+    runner = Finetuner(cfg, out, TrainProgress(enabled=show, console=console), device=device)
+    if show:
         console.print(f"fine-tuning {cfg.model} on {cfg.task}: {runner.total_steps} steps -> {out}")
     try:
         result = runner.run(resume=resume)
     except Interrupted as exc:
-        echo_err(f"interrupted at step {exc.step}/{exc.total}: state saved in {out}; continue with --resume")
+        if main_rank:
+            echo_err(
+                f"interrupted at step {exc.step}/{exc.total}: state saved in {out}; continue with --resume"
+            )
         raise typer.Exit(130) from None
-    typer.echo(json.dumps({"out": str(out), **result.to_json()}, indent=2))
+    if main_rank:
+        typer.echo(json.dumps({"out": str(out), **result.to_json()}, indent=2))
 
 
 @app.command("eval")
@@ -138,8 +155,11 @@ def eval_(
     typer.echo(json.dumps(payload, indent=2))
 
 
-def _init_distributed() -> bool:
-    """Join the torchrun process group when launched with WORLD_SIZE > 1; True on rank 0."""
+def _init_distributed(device: str) -> bool:
+    """Join the torchrun process group when launched with WORLD_SIZE > 1; True on rank 0.
+
+    The backend follows the device this rank trains on (NCCL takes only CUDA tensors, so a
+    ``--device cpu`` run on a GPU machine needs gloo), and a CUDA rank binds its own GPU first."""
     import os
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
@@ -147,8 +167,15 @@ def _init_distributed() -> bool:
     import torch
     import torch.distributed as dist
 
+    from pipeline.trainloop import resolve_device
+
+    dev = resolve_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+            dist.init_process_group("nccl", device_id=dev)
+        else:
+            dist.init_process_group("gloo")
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.get_world_size()))
     return dist.get_rank() == 0
 
@@ -243,7 +270,7 @@ def prune(
     step2 = {"--from": str(from_) if from_ else None, "--block": block, "--row-balanced": row_balanced}
     step2 |= {"--target-of": target_of, "--revive-from": revive_from}
     cfg = _prune_config(step, config, overrides, step1, step2)
-    main_rank = _init_distributed()
+    main_rank = _init_distributed(device)
     set_threads(threads)
     try:
         _run_pruner(step, cfg, out, device, (resume, overwrite), main_rank and not quiet, main_rank)

@@ -84,8 +84,8 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise UserError("--device cuda asked for, but torch sees no CUDA device: use --device cpu")
-        if name == "cuda":
-            name = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        if name == "cuda":  # a scheduler may show each process only its own GPU
+            name = f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
     elif name != "cpu":
         raise UserError(f"unknown device '{name}': use auto, cpu, cuda or cuda:N")
     return torch.device(name)
@@ -203,15 +203,27 @@ class TrainLoop:
         raise NotImplementedError
 
     # resume state ----------------------------------------------------------------------------
+    def _rng_state(self) -> dict[str, torch.Tensor]:
+        """This rank's generators: the CPU one and, on a GPU, its own device's."""
+        state = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
     def save_state(self) -> None:
+        """Rank 0 writes the state; every rank's generators go with it (a collective: all ranks call
+        this at the same steps), since ranks draw different dropout masks for different shards."""
+        rngs = [self._rng_state()]
+        if world()[1] > 1:
+            rngs = [None] * world()[1]
+            dist.all_gather_object(rngs, self._rng_state())
         if not is_main():
             return
         blob = {
             "modules": {k: m.state_dict() for k, m in self.stateful().items()},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+            "rngs": rngs,
             "step": self.state.step,
             "elapsed": self.state.elapsed,
             "history": self.state.history,
@@ -239,9 +251,12 @@ class TrainLoop:
             module.load_state_dict(blob["modules"][name])
         self.optimizer.load_state_dict(blob["optimizer"])
         self.scheduler.load_state_dict(blob["scheduler"])
-        torch.set_rng_state(blob["rng"])
-        if self.device.type == "cuda" and blob.get("cuda_rng"):
-            torch.cuda.set_rng_state_all(blob["cuda_rng"])
+        rank, size = world()
+        rngs = blob.get("rngs") or [{"cpu": blob["rng"]}]  # states written before per-rank generators
+        mine = rngs[rank] if len(rngs) == size else rngs[0]  # another world size: not bit-exact anyway
+        torch.set_rng_state(mine["cpu"])
+        if self.device.type == "cuda" and "cuda" in mine:
+            torch.cuda.set_rng_state(mine["cuda"], self.device)
         self.state = LoopState(blob["step"], blob["elapsed"], list(blob["history"]))
 
     # the loop --------------------------------------------------------------------------------
@@ -264,8 +279,11 @@ class TrainLoop:
         return bool(t.item())
 
     def _batch(self, plan: list[np.ndarray], k: int) -> np.ndarray:
+        """This rank's share of batch k; a last batch smaller than the world repeats examples, so no
+        rank steps with nothing while the others wait for its gradients."""
         rank, size = world()
-        return plan[k][rank::size] if size > 1 else plan[k]
+        batch = plan[k] if len(plan[k]) >= size else np.resize(plan[k], size)
+        return batch[rank::size] if size > 1 else batch
 
     def run(self, resume: bool = False, stop_at_step: int | None = None) -> EvalResult | None:
         """Train to the end (or until stopped), then finalize. Returns rank 0's last eval.
