@@ -41,6 +41,7 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
+from deploy.triton import ENGINE_REPORT
 from deploy.trt_engine import open_model
 from mlpruning.errors import UserError
 
@@ -195,7 +196,9 @@ class ServedModel:
             raise UserError(f"{folder} has no readable config.json: pass a folder written by export")
         self.task = _task_of(folder)
         self.tokenizer, self.pad_id = _load_tokenizer(folder, self.config)
-        self.max_tokens = _token_limit(folder, self.config, max_tokens)
+        profile = engine_profile(folder) if engine else None
+        self.max_batch = profile[0] if profile else None  # None: any batch the server asks for
+        self.max_tokens = _token_limit(folder, self.config, max_tokens, profile[1] if profile else None)
         if truncate:
             self.tokenizer.enable_truncation(self.max_tokens)
         # a TensorRT engine's tensors carry names only: int64 ids, width from the labels
@@ -277,12 +280,20 @@ def _load_tokenizer(folder: Path, config: dict[str, Any]) -> tuple[Any, int]:
     return tokenizer, int(pad_id)
 
 
-def _token_limit(folder: Path, config: dict[str, Any], asked: int | None) -> int:
+def engine_profile(folder: Path) -> tuple[int, int] | None:
+    """(largest batch, longest sequence) the engine's optimization profile takes, from the
+    engine.json ``mlpruning build`` wrote beside it; None without one."""
+    profile = (read_json(folder / ENGINE_REPORT) or {}).get("profile")
+    return (int(profile["batch"][-1]), int(profile["seq"][-1])) if profile else None
+
+
+def _token_limit(folder: Path, config: dict[str, Any], asked: int | None, engine_seq: int | None) -> int:
     positions = int(config.get("max_position_embeddings") or 512)
     if config.get("model_type") in _ROBERTA_LIKE:
         positions -= int(config.get("pad_token_id", 1)) + 1
     tokenizer_max = (read_json(folder / "tokenizer_config.json") or {}).get("model_max_length")
     limit = min(positions, tokenizer_max) if isinstance(tokenizer_max, int) else positions
+    limit = min(limit, engine_seq) if engine_seq else limit
     if asked is not None and asked > limit:
         raise UserError(f"--max-tokens {asked} is over what {folder} takes ({limit}): use {limit} or less")
     return asked or limit

@@ -1,9 +1,10 @@
 """ONNX Runtime sessions for verify, bench and serve: one place that picks the execution provider.
 
 ``provider`` is ``cpu`` (always there), ``cuda`` or ``tensorrt`` (both need the onnxruntime-gpu
-package and a GPU). Asking for one that this onnxruntime build lacks is a one-line error naming
-the fix, never a silent fall-back to the CPU: a latency measured on the wrong device would be
-reported as the right one. Every session disables SkipLayerNormalization fusion at load
+package and a GPU). Asking for one that this onnxruntime build lacks, or one that fails to start
+(ORT then quietly moves on to the next provider), is a one-line error naming the fix, never a
+silent fall-back to the CPU: a latency measured on the wrong device would be reported as the
+right one. Every session disables SkipLayerNormalization fusion at load
 (see :mod:`graph_passes.ort_fusion`).
 """
 
@@ -33,8 +34,9 @@ def providers_for(provider: str) -> list[str]:
     available = ort.get_available_providers()
     if wanted[0] not in available:
         raise UserError(
-            f"{wanted[0]} is not in this onnxruntime ({', '.join(available)}): install onnxruntime-gpu "
-            "on a machine with a CUDA GPU, or use --provider cpu"
+            f"{wanted[0]} is not in this onnxruntime ({', '.join(available)}): on a machine with a CUDA "
+            "GPU, pip uninstall -y onnxruntime && pip install onnxruntime-gpu (the two packages share "
+            "one module), or use --provider cpu"
         )
     return wanted
 
@@ -51,10 +53,25 @@ def open_session(folder: Path, threads: int | None = None, provider: str = "cpu"
     import onnxruntime as ort
 
     path = model_path(folder)
+    wanted = providers_for(provider)
+    if provider != "cpu" and hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()  # CUDA and cuDNN from the nvidia-* wheels when torch has not loaded them
     options = ort.SessionOptions()
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-    return ort.InferenceSession(
-        str(path), options, providers=providers_for(provider), disabled_optimizers=DISABLED_AT_LOAD
-    )
+    session = ort.InferenceSession(str(path), options, providers=wanted, disabled_optimizers=DISABLED_AT_LOAD)
+    return checked_provider(session, wanted)
+
+
+def checked_provider(session: Any, wanted: list[str]) -> Any:
+    """The session, if it runs on the provider asked for; ORT drops a provider that fails to start
+    (no cuDNN, a CUDA mismatch) with a log line and carries on with the next one."""
+    got = session.get_providers()
+    if got[0] != wanted[0]:
+        raise UserError(
+            f"onnxruntime could not start {wanted[0]} and fell back to {got[0]} (check the CUDA, cuDNN "
+            "and TensorRT libraries it needs, see its log above), or use --provider cpu"
+        )
+    session.disable_fallback()  # a later failure in run() must raise, not move to the next provider
+    return session

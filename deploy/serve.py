@@ -295,6 +295,11 @@ _PREDICT_DOC = {"requestBody": {"required": True, "content": {"application/json"
 def create_app(cfg: ServeConfig) -> FastAPI:
     """The FastAPI app for ``cfg``: loads and warms the model now, starts the batcher at startup."""
     model = ServedModel(cfg.model_dir, cfg.threads, cfg.provider, cfg.max_tokens, cfg.truncate, cfg.engine)
+    if model.max_batch is not None and cfg.max_batch > model.max_batch:
+        raise UserError(
+            f"--max-batch {cfg.max_batch} is over the engine's profile ({model.max_batch}): use "
+            f"--max-batch {model.max_batch} or rebuild with a larger --batch"
+        )
     model.warm_up(cfg.max_batch)
     batcher = MicroBatcher(model.run_batch, cfg.max_batch, cfg.max_wait_ms, cfg.max_queue)
     metadata = build_metadata(cfg, model)

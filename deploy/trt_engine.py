@@ -149,8 +149,25 @@ def prepare_onnx(path: Path, plugin: bool) -> tuple[Any, dict[str, Any]]:
     functions = len(proto.functions)
     if plugin:
         proto, nodes = plugin_form(proto)
-        return proto, {"block_sparse": "plugin", "plugin_nodes": nodes, "functions": functions}
-    return inline_functions(proto), {"block_sparse": "inlined", "functions": functions}
+        prep = {"block_sparse": "plugin", "plugin_nodes": nodes, "functions": functions}
+    else:
+        proto, prep = inline_functions(proto), {"block_sparse": "inlined", "functions": functions}
+    check_standard_ops(proto, path)
+    return proto, prep
+
+
+def check_standard_ops(proto: Any, path: Path) -> None:
+    """One-line error for ops TensorRT's parser would send to a missing plugin (e.g. the
+    com.microsoft fusions ``optimize --ort-fusion`` keeps), instead of its own parse error."""
+    from graph_passes.block_sparse import TRT_DOMAIN
+
+    allowed = ("", "ai.onnx", TRT_DOMAIN)
+    foreign = sorted({f"{n.domain}.{n.op_type}" for n in proto.graph.node if n.domain not in allowed})
+    if foreign:
+        raise UserError(
+            f"{path} has ops TensorRT cannot parse ({', '.join(foreign[:3])}): build from a model "
+            "optimized without --ort-fusion"
+        )
 
 
 @dataclass(frozen=True)
@@ -160,6 +177,7 @@ class BuildOptions:
     plugin: bool = False
     workspace_mib: int = 4096
     profile: Profile = Profile()
+    tf32: bool = False  # TensorRT's default is on: 10-bit-mantissa matmuls miss fp32 parity
 
 
 def _fp16(trt: Any, config: Any, onnx_path: Path) -> Path:
@@ -203,6 +221,8 @@ def _serialize(trt: Any, onnx_path: Path, shapes: dict, opts: BuildOptions) -> A
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, opts.workspace_mib << 20)
     if opts.sparsity:
         config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
+    if not opts.tf32 and hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise UserError("TensorRT could not build the engine: see its log above (try a larger --workspace)")
@@ -249,6 +269,7 @@ def build_engine(source: Path, out: Path, opts: BuildOptions) -> dict[str, Any]:
         "mlpruning": __version__,
         "fp16": opts.fp16,
         "sparsity": opts.sparsity,
+        "tf32": opts.tf32,
         "two_four_weights": {"eligible": eligible, "total": weights},
         "workspace_mib": opts.workspace_mib,
         "profile": {"batch": list(opts.profile.batch), "seq": list(opts.profile.seq)},

@@ -107,6 +107,9 @@ def build(
         list[str] | None, typer.Option("--seq", help="Profile sequence MIN,OPT,MAX (default: 1,128,512).")
     ] = None,
     workspace: Annotated[int, typer.Option(min=64, help="Builder workspace in MiB.")] = 4096,
+    tf32: Annotated[
+        bool, typer.Option("--tf32", help="Allow TF32 matmuls (faster; off keeps fp32 parity).")
+    ] = False,
 ) -> None:
     """Build a TensorRT engine (model.plan) from an optimized ONNX model; needs tensorrt and a GPU."""
     from deploy.triton import resolve_model_folder
@@ -120,6 +123,7 @@ def build(
         )
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    report = build_engine(folder, out or folder, BuildOptions(fp16, sparsity, plugin, workspace, profile))
+    opts = BuildOptions(fp16, sparsity, plugin, workspace, profile, tf32)
+    report = build_engine(folder, out or folder, opts)
     typer.echo(json.dumps(report, indent=2))
     typer.echo(f"PASSED: {report['plan']} in {report['build_s']} s")

@@ -222,6 +222,24 @@ def test_truncate_cuts_long_texts_to_the_limit(folder: Path) -> None:
         ServedModel(folder, max_tokens=10_000)
 
 
+def test_an_engine_profile_caps_tokens_and_batch(folder: Path, tmp_path: Path, monkeypatch) -> None:
+    """A TensorRT engine takes only its profile's shapes: serve limits itself to them up front."""
+    import deploy.batcher
+
+    engine = tmp_path / "engine"
+    shutil.copytree(folder, engine)
+    (engine / "engine.json").write_text(json.dumps({"profile": {"batch": [1, 4, 8], "seq": [1, 16, 32]}}))
+    # the ONNX session stands in for the engine runner (no TensorRT here): same get_inputs/run
+    monkeypatch.setattr(deploy.batcher, "open_model", lambda f, t, p, e: open_session(f, t, p))
+    model = ServedModel(engine, threads=1, engine=True)
+    assert (model.max_batch, model.max_tokens) == (8, 32)
+    assert ServedModel(folder, threads=1).max_batch is None
+    with pytest.raises(UserError, match="--max-tokens 64 is over what .* takes \\(32\\)"):
+        ServedModel(engine, threads=1, max_tokens=64, engine=True)
+    with pytest.raises(UserError, match="--max-batch 32 is over the engine's profile \\(8\\)"):
+        create_app(ServeConfig(model_dir=engine, threads=1, engine=True))
+
+
 @pytest.mark.parametrize(
     ("kwargs", "fragment"),
     [

@@ -17,9 +17,12 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto
 
+from deploy.runtime import PROVIDERS, checked_provider
 from deploy.triton import TensorSpec
 from deploy.trt_engine import (
+    BuildOptions,
     Profile,
+    build_engine,
     inline_functions,
     prepare_onnx,
     profile_shapes,
@@ -91,6 +94,88 @@ def test_plugin_form_and_missing_plugin_error(tmp_path):
         require_plugin(fake_trt(None), None)
     assert "\n" not in str(err.value) and "drop --plugin" in str(err.value)
     require_plugin(fake_trt(object()), None)  # a registered creator passes
+
+
+class FakeTrt:
+    """The slice of the tensorrt module a build calls; records what the builder was asked for."""
+
+    __version__ = "10.99-fake"
+    BuilderFlag = SimpleNamespace(FP16="FP16", TF32="TF32", SPARSE_WEIGHTS="SPARSE_WEIGHTS")
+    MemoryPoolType = SimpleNamespace(WORKSPACE="WORKSPACE")
+
+    class Logger:  # trt.Logger(trt.Logger.WARNING)
+        WARNING = 2
+
+        def __init__(self, level: int) -> None:
+            self.level = level
+
+    def __init__(self) -> None:
+        self.flags, self.shapes, self.parsed = {"TF32"}, {}, None  # TF32 is on by default
+
+    def Builder(self, logger: object) -> FakeTrt:
+        return self
+
+    def OnnxParser(self, network: object, logger: object) -> FakeTrt:
+        return self
+
+    def create_network(self, flags: int) -> str:
+        return "network"
+
+    def parse_from_file(self, path: str) -> bool:
+        self.parsed = onnx.load(path)
+        return True
+
+    def create_builder_config(self) -> FakeTrt:
+        return self
+
+    create_optimization_profile = create_builder_config
+
+    def set_flag(self, flag: str) -> None:
+        self.flags.add(flag)
+
+    def clear_flag(self, flag: str) -> None:
+        self.flags.discard(flag)
+
+    def set_shape(self, name: str, low: tuple, opt: tuple, high: tuple) -> None:
+        self.shapes[name] = (low, opt, high)
+
+    def add_optimization_profile(self, profile: object) -> None:
+        pass
+
+    def set_memory_pool_limit(self, pool: str, size: int) -> None:
+        self.workspace = size
+
+    def build_serialized_network(self, network: object, config: object) -> bytes:
+        return b"plan"
+
+
+@pytest.mark.parametrize(
+    ("tf32", "flags"), [(False, {"FP16", "SPARSE_WEIGHTS"}), (True, {"FP16", "SPARSE_WEIGHTS", "TF32"})]
+)
+def test_build_asks_the_builder_for_the_options(tmp_path, monkeypatch, tf32, flags):
+    """Through a recording fake: flags (TF32 cleared unless asked), profile, plan and report."""
+    fake = FakeTrt()
+    monkeypatch.setattr("deploy.trt_engine.import_tensorrt", lambda: fake)
+    folder = make_classifier(tmp_path / "m", block_sparse=True)
+    opts = BuildOptions(fp16=True, sparsity=True, profile=Profile((1, 2, 4), (1, 8, 16)), tf32=tf32)
+    report = build_engine(folder, tmp_path / "out", opts)
+    assert fake.flags == flags and fake.workspace == 4096 << 20
+    assert fake.shapes["input_ids"] == ((1, 1), (2, 8), (4, 16)) and not fake.parsed.functions
+    assert (tmp_path / "out" / "model.plan").read_bytes() == b"plan"
+    saved = json.loads((tmp_path / "out" / "engine.json").read_text())
+    assert saved == report and report["tf32"] is tf32 and report["block_sparse"] == "inlined"
+
+
+def test_ops_outside_standard_onnx_are_refused(tmp_path):
+    x = onnx.helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = onnx.helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    node = onnx.helper.make_node("FastGelu", ["x"], ["y"], domain="com.microsoft")
+    graph = onnx.helper.make_graph([node], "g", [x], [y])
+    opsets = [onnx.helper.make_opsetid("", 17), onnx.helper.make_opsetid("com.microsoft", 1)]
+    (tmp_path / "m").mkdir()
+    onnx.save(onnx.helper.make_model(graph, opset_imports=opsets), str(tmp_path / "m" / "model.onnx"))
+    with pytest.raises(UserError, match=r"TensorRT cannot parse \(com.microsoft.FastGelu\).*--ort-fusion"):
+        prepare_onnx(tmp_path / "m" / "model.onnx", plugin=False)
 
 
 def test_two_four_weight_count():
@@ -174,3 +259,24 @@ def test_build_engine_and_run_it_like_onnxruntime(tmp_path):
     np.testing.assert_allclose(got, _ort(str(folder / "model.onnx")), rtol=1e-3, atol=1e-3)
     cfg = BenchConfig(batches=(1,), seqs=(8,), warmup=1, rounds=1, iters=1, engine=True)
     assert bench(folder, None, cfg)["environment"]["provider"] == "TensorRT"
+
+
+def test_a_provider_that_fails_to_start_is_an_error_not_a_fallback():
+    """ORT drops a GPU provider it cannot start and runs on the next one; we refuse that."""
+
+    class Session:
+        def __init__(self, providers: list[str]) -> None:
+            self.providers, self.fallback = providers, True
+
+        def get_providers(self) -> list[str]:
+            return self.providers
+
+        def disable_fallback(self) -> None:
+            self.fallback = False
+
+    cuda = PROVIDERS["cuda"]
+    with pytest.raises(UserError, match="could not start CUDAExecutionProvider and fell back to CPU") as err:
+        checked_provider(Session(["CPUExecutionProvider"]), cuda)
+    assert "\n" not in str(err.value)
+    started = checked_provider(Session(cuda), cuda)
+    assert started.fallback is False  # a failure in run() raises instead of moving on
