@@ -78,6 +78,58 @@ def _parity_batches(n_examples: int, batch_size: int, seed: int) -> list[np.ndar
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def _reference_model(reference: Path, task_name: str | None) -> tuple[Any, Any]:
+    """The PyTorch reference (masked checkpoint or plain HF folder) in eval mode, and its task."""
+    from pipeline.evaluate import task_for_checkpoint
+    from pipeline.models import load_for_task
+    from pipeline.pruning.checkpoint import MANIFEST_FILE, load_masked
+
+    task = task_for_checkpoint(reference, task_name)
+    masked = (reference / MANIFEST_FILE).is_file()
+    model = load_masked(reference)[0] if masked else load_for_task(str(reference), task)
+    return model.eval(), task
+
+
+def _stage_parity(session: Any, model: Any, encoded: Any, tol: Tolerance, seed: int) -> dict[str, Any]:
+    """Element-wise logits of one ONNX stage against PyTorch on shuffled, padded dev batches."""
+    import torch
+
+    from pipeline.batching import collate
+
+    got, want = [], []
+    for idx in _parity_batches(len(encoded), 16, seed):
+        batch = collate(encoded, idx)
+        with torch.no_grad():
+            want.append(model(**batch).logits.numpy())
+        got.append(_onnx_logits(session, batch))
+    return compare(np.concatenate(got), np.concatenate(want), tol)
+
+
+def _metric_parity(session: Any, model: Any, encoded: Any, task: Any, tol: Tolerance) -> dict[str, Any]:
+    """The task metric of the final stage and of PyTorch on the whole dev set, and their agreement."""
+    from pipeline.batching import collate
+    from pipeline.evaluate import predict
+    from pipeline.metrics import compute_metrics
+
+    torch_out = predict(model, encoded)
+    onnx_out = np.concatenate(
+        [
+            _onnx_logits(session, collate(encoded, np.arange(i, min(i + 64, len(encoded)))))
+            for i in range(0, len(encoded), 64)
+        ]
+    )
+    agree = int((torch_out.argmax(-1) == onnx_out.argmax(-1)).sum()) if not task.is_regression else None
+    passed = agree == len(encoded) if agree is not None else compare(onnx_out, torch_out, tol)["passed"]
+    return {
+        "task": task.name,
+        "examples": len(encoded),
+        "pytorch": compute_metrics(task, torch_out, encoded.labels),
+        "onnx": compute_metrics(task, onnx_out, encoded.labels),
+        "identical_predictions": agree,
+        "passed": passed,
+    }
+
+
 def verify(
     stages: list[Path],
     reference: Path,
@@ -89,60 +141,24 @@ def verify(
     engine: bool = False,
 ) -> dict[str, Any]:
     sessions = open_stages(stages, provider, engine)  # before the model: a wrong provider fails fast
-    import torch
-
-    from pipeline.batching import collate, encode
-    from pipeline.evaluate import predict, task_for_checkpoint
-    from pipeline.metrics import compute_metrics
-    from pipeline.models import load_for_task, load_tokenizer
-    from pipeline.pruning.checkpoint import MANIFEST_FILE, load_masked
+    from pipeline.batching import encode
+    from pipeline.models import load_tokenizer
     from pipeline.tasks import load_split
 
-    task = task_for_checkpoint(reference, task_name)
-    model = (
-        load_masked(reference)[0]
-        if (reference / MANIFEST_FILE).is_file()
-        else load_for_task(str(reference), task)
-    )
-    model.eval()
+    model, task = _reference_model(reference, task_name)
     encoded = encode(load_tokenizer(str(reference)), load_split(task, "dev", data_dir), 128)
-    results = []
-    for stage, session in sessions.items():
-        got, want = [], []
-        for idx in _parity_batches(len(encoded), 16, seed):
-            batch = collate(encoded, idx)
-            with torch.no_grad():
-                want.append(model(**batch).logits.numpy())
-            got.append(_onnx_logits(session, batch))
-        diff = compare(np.concatenate(got), np.concatenate(want), tol)
-        results.append({"stage": stage, "runtime": runtime_name(session), **diff})
-    final = list(sessions.values())[-1]
-    torch_out = predict(model, encoded)
-    onnx_out = np.concatenate(
-        [
-            _onnx_logits(final, collate(encoded, np.arange(i, min(i + 64, len(encoded)))))
-            for i in range(0, len(encoded), 64)
-        ]
-    )
-    agree = int((torch_out.argmax(-1) == onnx_out.argmax(-1)).sum()) if not task.is_regression else None
-    metric = {
-        "task": task.name,
-        "examples": len(encoded),
-        "pytorch": compute_metrics(task, torch_out, encoded.labels),
-        "onnx": compute_metrics(task, onnx_out, encoded.labels),
-        "identical_predictions": agree,
-    }
-    metric["passed"] = (
-        agree == len(encoded) if agree is not None else compare(onnx_out, torch_out, tol)["passed"]
-    )
-    passed = all(r["passed"] for r in results) and metric["passed"]
+    results = [
+        {"stage": stage, "runtime": runtime_name(s), **_stage_parity(s, model, encoded, tol, seed)}
+        for stage, s in sessions.items()
+    ]
+    metric = _metric_parity(list(sessions.values())[-1], model, encoded, task, tol)
     return {
         "reference": str(reference),
         "tolerance": tol.__dict__,
         "provider": provider,
         "stages": results,
         "metric": metric,
-        "passed": passed,
+        "passed": all(r["passed"] for r in results) and metric["passed"],
     }
 
 
