@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 # The main job on the embedded default: the whole pipeline on all-MiniLM-L6-v2 + SST-2 (fine-tune,
-# step 1, step 2, export, optimize, verify, bench, report) into $(DEMO_OUT), 20-30 minutes on
+# step 1, step 2, export, optimize, verify, bench, report) into $(DEMO_OUT), about 20 minutes on
 # 2 CPU cores. Re-running skips finished stages and resumes an interrupted training.
 demo: $(STAMP)
 	$(BIN)/mlpruning run $(DEMO_CONFIG) --out $(DEMO_OUT)
