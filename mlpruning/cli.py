@@ -160,6 +160,7 @@ def _init_distributed(device: str) -> bool:
 
     The backend follows the device this rank trains on (NCCL takes only CUDA tensors, so a
     ``--device cpu`` run on a GPU machine needs gloo), and a CUDA rank binds its own GPU first."""
+    import datetime
     import os
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
@@ -170,12 +171,15 @@ def _init_distributed(device: str) -> bool:
     from pipeline.trainloop import resolve_device
 
     dev = resolve_device(device)
+    # rank 0 evaluates alone while the others wait in a barrier: a long dev set on CPU must not
+    # trip the default collective timeout (10 min for NCCL, 30 for gloo)
+    timeout = datetime.timedelta(hours=2)
     if not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-            dist.init_process_group("nccl", device_id=dev)
+            dist.init_process_group("nccl", timeout=timeout, device_id=dev)
         else:
-            dist.init_process_group("gloo")
+            dist.init_process_group("gloo", timeout=timeout)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.get_world_size()))
     return dist.get_rank() == 0
 
