@@ -42,7 +42,7 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 
 from deploy.triton import ENGINE_REPORT
-from deploy.trt_engine import open_model
+from deploy.trt_engine import ENGINE_PROVIDER, open_model, runtime_name
 from mlpruning.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -196,7 +196,8 @@ class ServedModel:
             raise UserError(f"{folder} has no readable config.json: pass a folder written by export")
         self.task = _task_of(folder)
         self.tokenizer, self.pad_id = _load_tokenizer(folder, self.config)
-        profile = engine_profile(folder) if engine else None
+        is_engine = runtime_name(self.session) == ENGINE_PROVIDER  # asked for, or the only model
+        profile = engine_profile(folder) if is_engine else None
         self.max_batch = profile[0] if profile else None  # None: any batch the server asks for
         self.max_tokens = _token_limit(folder, self.config, max_tokens, profile[1] if profile else None)
         if truncate:
@@ -282,9 +283,18 @@ def _load_tokenizer(folder: Path, config: dict[str, Any]) -> tuple[Any, int]:
 
 def engine_profile(folder: Path) -> tuple[int, int] | None:
     """(largest batch, longest sequence) the engine's optimization profile takes, from the
-    engine.json ``mlpruning build`` wrote beside it; None without one."""
+    engine.json ``mlpruning build`` wrote beside it; None without one. Micro-batches come in
+    every size from one short text up, so the profile must start at batch 1 and sequence 1."""
     profile = (read_json(folder / ENGINE_REPORT) or {}).get("profile")
-    return (int(profile["batch"][-1]), int(profile["seq"][-1])) if profile else None
+    if not profile:
+        return None
+    (b_min, *_, b_max), (s_min, *_, s_max) = profile["batch"], profile["seq"]
+    if b_min > 1 or s_min > 1:
+        raise UserError(
+            f"{folder / ENGINE_REPORT}: the engine takes batches from {b_min} and sequences from {s_min}, "
+            "but serving sends any size: rebuild with --batch 1,OPT,MAX --seq 1,OPT,MAX"
+        )
+    return int(b_max), int(s_max)
 
 
 def _token_limit(folder: Path, config: dict[str, Any], asked: int | None, engine_seq: int | None) -> int:

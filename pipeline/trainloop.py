@@ -84,11 +84,23 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise UserError("--device cuda asked for, but torch sees no CUDA device: use --device cpu")
-        if name == "cuda":  # a scheduler may show each process only its own GPU
-            name = f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
+        if name == "cuda":
+            name = f"cuda:{_local_gpu(int(os.environ.get('LOCAL_RANK', '0')), torch.cuda.device_count())}"
     elif name != "cpu":
         raise UserError(f"unknown device '{name}': use auto, cpu, cuda or cuda:N")
     return torch.device(name)
+
+
+def _local_gpu(local_rank: int, visible: int) -> int:
+    """This process's GPU: its local rank, or 0 where a scheduler shows each process only its own."""
+    if visible == 1:
+        return 0
+    if local_rank >= visible:
+        raise UserError(
+            f"local rank {local_rank} has no GPU of its own ({visible} visible): start at most "
+            f"{visible} processes per node (torchrun --nproc_per_node {visible})"
+        )
+    return local_rank
 
 
 def world() -> tuple[int, int]:
@@ -251,13 +263,21 @@ class TrainLoop:
             module.load_state_dict(blob["modules"][name])
         self.optimizer.load_state_dict(blob["optimizer"])
         self.scheduler.load_state_dict(blob["scheduler"])
+        self._restore_rng(blob)
+        self.state = LoopState(blob["step"], blob["elapsed"], list(blob["history"]))
+
+    def _restore_rng(self, blob: dict[str, Any]) -> None:
+        if "rngs" not in blob:  # written before per-rank generators: rank 0's, all devices
+            torch.set_rng_state(blob["rng"])
+            if self.device.type == "cuda" and blob.get("cuda_rng"):
+                torch.cuda.set_rng_state_all(blob["cuda_rng"])
+            return
         rank, size = world()
-        rngs = blob.get("rngs") or [{"cpu": blob["rng"]}]  # states written before per-rank generators
-        mine = rngs[rank] if len(rngs) == size else rngs[0]  # another world size: not bit-exact anyway
+        rngs = blob["rngs"]
+        mine = rngs[rank] if len(rngs) == size else rngs[0]  # another world size: not bit-exact
         torch.set_rng_state(mine["cpu"])
         if self.device.type == "cuda" and "cuda" in mine:
             torch.cuda.set_rng_state(mine["cuda"], self.device)
-        self.state = LoopState(blob["step"], blob["elapsed"], list(blob["history"]))
 
     # the loop --------------------------------------------------------------------------------
     def _record_eval(self) -> EvalResult | None:

@@ -62,10 +62,16 @@ def test_step1_and_step2_on_cuda(teacher, tmp_path):
     assert result.metrics["remaining_ratio"] == pytest.approx(blocks["remaining_ratio"])
 
 
-def test_interrupted_cuda_run_resumes_to_a_loadable_checkpoint(teacher, tmp_path):
-    out = tmp_path / "run"
-    with pytest.raises(Interrupted):
-        Pruner(_step1(teacher, save_every=5), out, device="cuda").run(stop_at_step=7)
-    assert (out / RESUME_FILE).is_file()
-    Pruner(_step1(teacher, save_every=5), out, device="cuda").run(resume=True)
-    _checked(out)
+def test_interrupted_cuda_run_resumes_like_an_uninterrupted_one(teacher, tmp_path):
+    """16 steps, stopped at 7. Not compared bit for bit: CUDA's atomic adds make some gradient sums
+    order-dependent, so the resumed run must land where the uninterrupted one does."""
+    cfg = _step1(teacher, epochs=4, save_every=5)
+    whole = Pruner(cfg, tmp_path / "a", device="cuda").run()
+    with pytest.raises(Interrupted) as info:
+        Pruner(cfg, tmp_path / "b", device="cuda").run(stop_at_step=7)
+    assert info.value.step == 7 and (tmp_path / "b" / RESUME_FILE).is_file()
+    resumed = Pruner(cfg, tmp_path / "b", device="cuda").run(resume=True)
+    assert _checked(tmp_path / "b")["remaining_ratio"] == pytest.approx(
+        whole.metrics["remaining_ratio"], abs=0.02
+    )
+    assert resumed.metrics["remaining_ratio"] == pytest.approx(_checked(tmp_path / "b")["remaining_ratio"])

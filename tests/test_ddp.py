@@ -1,5 +1,6 @@
-"""Data-parallel training on CPU (gloo, 2 processes under torchrun): fine-tuning, and a step-1
-run that is stopped and resumed ending bit-identical to an uninterrupted one."""
+"""Data-parallel training on CPU (gloo, 2 processes under torchrun; slow): fine-tuning, and a
+step-1 run that is stopped and resumed ending bit-identical to an uninterrupted one. Fast: how
+ranks pick their GPU and split a short batch."""
 
 from __future__ import annotations
 
@@ -15,12 +16,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from mlpruning.errors import UserError
 from pipeline import trainloop
 from pipeline.pruning.checkpoint import load_masked, read_masks
 from pipeline.trainloop import RESUME_FILE, TrainLoop
 from tests.conftest import train_tiny_teacher
-
-pytestmark = pytest.mark.slow
 
 
 def _torchrun(*args: str) -> subprocess.CompletedProcess:
@@ -39,6 +39,7 @@ def teacher(tmp_path_factory):
     return train_tiny_teacher(tmp_path_factory.mktemp("ddp"), heads=4)
 
 
+@pytest.mark.slow
 def test_finetune_under_torchrun_writes_one_checkpoint(teacher, tmp_path):
     path, glue = teacher
     out = tmp_path / "ft"
@@ -50,6 +51,7 @@ def test_finetune_under_torchrun_writes_one_checkpoint(teacher, tmp_path):
     assert meta["steps"] == 2 * 8 and (out / "eval.json").is_file() and not (out / RESUME_FILE).exists()
 
 
+@pytest.mark.slow
 def test_stopped_and_resumed_ddp_run_equals_an_uninterrupted_one(teacher, tmp_path):
     path, glue = teacher
     # The ranks pad their halves of a batch to different lengths, so they draw different numbers
@@ -67,6 +69,13 @@ def test_stopped_and_resumed_ddp_run_equals_an_uninterrupted_one(teacher, tmp_pa
     wa, wb = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     load_masked(tmp_path / "b")
+
+
+def test_each_local_rank_gets_its_own_gpu():
+    assert [trainloop._local_gpu(r, 4) for r in range(4)] == [0, 1, 2, 3]
+    assert trainloop._local_gpu(3, 1) == 0  # the scheduler shows this process only its GPU
+    with pytest.raises(UserError, match="local rank 2 has no GPU of its own .*--nproc_per_node 2"):
+        trainloop._local_gpu(2, 2)
 
 
 def test_a_batch_smaller_than_the_world_gives_every_rank_examples(monkeypatch):

@@ -94,6 +94,21 @@ def test_interrupted_then_resumed_equals_uninterrupted(tiny_bert, glue_dir, tmp_
     assert hist_a == hist_b
 
 
+def test_resume_state_of_the_previous_format_still_resumes_exactly(tiny_bert, glue_dir, tmp_path):
+    """State files written before per-rank generators hold one ``rng``; they resume as before."""
+    cfg = _cfg(tiny_bert, glue_dir)
+    Finetuner(cfg, tmp_path / "a").run()
+    with pytest.raises(Interrupted):
+        Finetuner(cfg, tmp_path / "b").run(stop_at_step=5)
+    path = tmp_path / "b" / RESUME_FILE
+    blob = torch.load(path, weights_only=True)
+    (rank0,) = blob.pop("rngs")
+    torch.save({**blob, "rng": rank0["cpu"], "cuda_rng": []}, path)
+    Finetuner(cfg, tmp_path / "b").run(resume=True)
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_resume_from_periodic_checkpoint_after_a_hard_kill(tiny_bert, glue_dir, tmp_path):
     """A kill between saves loses only the steps since the last save (step 3 here)."""
     cfg = _cfg(tiny_bert, glue_dir)

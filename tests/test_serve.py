@@ -226,18 +226,35 @@ def test_an_engine_profile_caps_tokens_and_batch(folder: Path, tmp_path: Path, m
     """A TensorRT engine takes only its profile's shapes: serve limits itself to them up front."""
     import deploy.batcher
 
+    class Engine:  # the ONNX session stands in for the engine runner (no TensorRT here)
+        def __init__(self, folder: Path) -> None:
+            self.session = open_session(folder, 1)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.session, name)
+
+        def get_providers(self) -> list[str]:
+            return ["TensorRT"]
+
+    real_open = deploy.batcher.open_model
+
+    def fake_open(folder: Path, threads: Any, provider: str, engine: bool) -> Any:
+        return Engine(folder) if engine else real_open(folder, threads, provider)
+
     engine = tmp_path / "engine"
     shutil.copytree(folder, engine)
     (engine / "engine.json").write_text(json.dumps({"profile": {"batch": [1, 4, 8], "seq": [1, 16, 32]}}))
-    # the ONNX session stands in for the engine runner (no TensorRT here): same get_inputs/run
-    monkeypatch.setattr(deploy.batcher, "open_model", lambda f, t, p, e: open_session(f, t, p))
+    monkeypatch.setattr(deploy.batcher, "open_model", fake_open)
     model = ServedModel(engine, threads=1, engine=True)
     assert (model.max_batch, model.max_tokens) == (8, 32)
-    assert ServedModel(folder, threads=1).max_batch is None
+    assert ServedModel(engine, threads=1).max_batch is None  # model.onnx served: no profile
     with pytest.raises(UserError, match="--max-tokens 64 is over what .* takes \\(32\\)"):
         ServedModel(engine, threads=1, max_tokens=64, engine=True)
     with pytest.raises(UserError, match="--max-batch 32 is over the engine's profile \\(8\\)"):
         create_app(ServeConfig(model_dir=engine, threads=1, engine=True))
+    (engine / "engine.json").write_text(json.dumps({"profile": {"batch": [2, 4, 8], "seq": [1, 16, 32]}}))
+    with pytest.raises(UserError, match="takes batches from 2 .* rebuild with --batch 1,OPT,MAX"):
+        ServedModel(engine, threads=1, engine=True)
 
 
 @pytest.mark.parametrize(

@@ -82,8 +82,9 @@ class BlockScores(nn.Module):
         return block_topk_mask(self.scores[key], self.thresholds[key], live, self.row_balanced)
 
     def freeze(self) -> dict[str, torch.Tensor]:
-        """Fix every block mask; CPU copies are returned under their masks-dict keys
-        (``layer0_query_blocks``), since step 1's unit masks they are merged with live on the CPU."""
+        """Fix every block mask; returned as CPU copies under their masks-dict keys
+        (``layer0_query_blocks``), since they are merged with step 1's unit masks, which live on
+        the CPU."""
         with torch.no_grad():
             self.fixed = {}
             self.fixed = {k: self.mask(k).detach().clone() for k in self.keys}
