@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from mlpruning import __version__
+from mlpruning.errors import UserError
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -34,6 +35,14 @@ SubsetOpt = Annotated[int | None, typer.Option(help="Train on a random subset of
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --out.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace what --out holds.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")]
+
+
+def int_list(values: list[str], flag: str, example: str) -> tuple[int, ...]:
+    """Integers from repeated and/or comma-separated option values (``--batch 1,8 --batch 16``)."""
+    try:
+        return tuple(int(v) for item in values for v in item.split(",") if v.strip())
+    except ValueError:
+        raise UserError(f"{flag} takes integers, e.g. {example}") from None
 
 
 def echo_err(message: str) -> None:

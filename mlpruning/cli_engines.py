@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from mlpruning.cli_common import app
+from mlpruning.cli_common import app, int_list
 from mlpruning.errors import UserError
 
 SourceArg = Annotated[
@@ -21,10 +21,7 @@ VariantOpt = Annotated[
 
 
 def _ints(values: list[str], flag: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for item in values for v in item.split(",") if v.strip())
-    except ValueError:
-        raise UserError(f"{flag} takes integers, e.g. {flag} 1,8,32") from None
+    return int_list(values, flag, f"{flag} 1,8,32")
 
 
 @app.command("export-triton")

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from mlpruning.cli_common import DataDirOpt, TaskOpt, app, echo_err
+from mlpruning.cli_common import DataDirOpt, TaskOpt, app, echo_err, int_list
 from mlpruning.errors import UserError
 
 ProviderOpt = Annotated[
@@ -131,10 +131,7 @@ def _export_stage(model_dir: Path) -> list[Path]:
 
 
 def _int_list(values: list[str], flag: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for item in values for v in item.split(",") if v.strip())
-    except ValueError:
-        raise UserError(f"{flag} takes integers, e.g. {flag} 1,8 or {flag} 1 {flag} 8") from None
+    return int_list(values, flag, f"{flag} 1,8 or {flag} 1 {flag} 8")
 
 
 @app.command()
