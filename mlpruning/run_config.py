@@ -22,15 +22,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from deploy import run_layout as L
 from deploy.bench import BenchConfig
 from deploy.verify import Tolerance
+from graph_passes.block_pass import MODES as BLOCK
+from graph_passes.scatter_rows import MODES as SCATTER
 from mlpruning.errors import UserError
 from pipeline.config import BlockPruneConfig, FinetuneConfig, PruneConfig, from_mapping, load_toml
+from pipeline.export import EXPORTERS
 
 TABLES = ("run", "finetune", "step1", "step2", "export", "optimize", "verify", "bench")
-EXPORTERS = ("torchscript", "dynamo")
-SCATTER = ("auto", "dense", "scatter")
-BLOCK = ("auto", "dense", "sparse")
 
 
 @dataclass(frozen=True)
@@ -120,12 +121,12 @@ def load_run_config(path: Path, run_dir: Path) -> RunConfig:
         given = table in data or table == "step1"  # step 1 is required, step 2 optional
         if given and "target" not in _table(data, table):
             raise UserError(f"{path} [{table}]: set target, the share of encoder weights to keep (e.g. 0.5)")
-    teacher_dir = str(run_dir / "teacher")
+    teacher_dir = str(L.checkpoint_dir(run_dir, "dense"))
     step1_values = {**_table(data, "step1"), "task": finetune.task, "teacher": teacher_dir}
     step1 = from_mapping(PruneConfig, step1_values, f"{src} [step1]")
     step2 = None
     if "step2" in data:
-        step2_values = {**_table(data, "step2"), "source": str(run_dir / "step1")}
+        step2_values = {**_table(data, "step2"), "source": str(L.checkpoint_dir(run_dir, "step1"))}
         step2 = from_mapping(BlockPruneConfig, step2_values, f"{src} [step2]")
     return RunConfig(
         task=finetune.task,

@@ -78,10 +78,11 @@ class StageActions:
 
     def bench(self, variant: str, resume: bool) -> dict[str, Any]:
         from deploy.bench import bench
+        from deploy.summary import point_key
 
         report = bench(L.opt_dir(self.run, variant), L.onnx_dir(self.run, "dense"), self.cfg.bench)
         write_json(L.bench_report(self.run, variant), report)
-        return {f"{p['batch']}x{p['seq']}": p["speedup_median"] for p in report["points"]}
+        return {point_key(p["batch"], p["seq"]): p["speedup_median"] for p in report["points"]}
 
 
 def build_stages(actions: StageActions) -> list[Stage]:
