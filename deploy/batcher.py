@@ -35,7 +35,7 @@ import json
 import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -59,13 +59,11 @@ class BatchStats:
     batches: int = 0
     items: int = 0
     largest_batch: int = 0
-    sizes: dict[int, int] = field(default_factory=dict)  # batch size -> how many batches had it
 
     def add(self, size: int) -> None:
         self.batches += 1
         self.items += size
         self.largest_batch = max(self.largest_batch, size)
-        self.sizes[size] = self.sizes.get(size, 0) + 1
 
     def as_dict(self) -> dict[str, Any]:
         mean = self.items / self.batches if self.batches else 0.0

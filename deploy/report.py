@@ -248,10 +248,9 @@ def _latency(summary: dict[str, Any], with_plots: bool) -> list[Block]:
 
 def _environment(summary: dict[str, Any]) -> list[Block]:
     env = summary.get("environment") or {}
-    rows = [[k, str(v)] for k, v in summary.get("versions", {}).items()]
-    later = summary.get("versions_read_at_report_time") or []
-    rows = [[k, f"{v} (read at report time)" if k in later else v] for k, v in rows]
     versions = summary.get("versions", {})
+    later = summary.get("versions_read_at_report_time") or []
+    rows = [[k, f"{v} (read at report time)" if k in later else str(v)] for k, v in versions.items()]
     # hardware and providers, whatever the bench recorded (tensorrt, baseline_provider, ...)
     for key, value in env.items():
         if key not in versions and key != "source" and value is not None:

@@ -50,9 +50,10 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from deploy.batcher import MicroBatcher, QueueFull, ServedModel, read_json
-from deploy.run_layout import RUN_STATE, VARIANTS, bench_report, model_dir, resolve_variant
+from deploy.run_layout import RUN_STATE, VARIANTS, bench_report, model_dir
 from deploy.run_layout import verify_report as verify_report_path
-from deploy.runtime import PROVIDERS
+from deploy.runtime import ONNX_FILE, PROVIDERS
+from deploy.triton import resolve_model_folder
 from mlpruning import __version__
 from mlpruning.errors import UserError
 
@@ -111,9 +112,9 @@ class ServeConfig:
 
 def resolve_target(path: Path, variant: str | None = None) -> tuple[Path, Path | None, str | None]:
     """(model folder, run folder or None, variant or None) for a run folder or a model folder."""
-    if variant is not None and (path / "model.onnx").is_file():
+    if variant is not None and (path / ONNX_FILE).is_file():
         raise UserError(f"--variant needs a run folder; {path} is a model folder: drop --variant")
-    folder, chosen = resolve_variant(path, variant, ("model.onnx", "model.plan"))
+    folder, chosen = resolve_model_folder(path, variant)
     if chosen is None:
         return folder, *_run_of(folder)
     return folder, path, chosen

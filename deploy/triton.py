@@ -39,10 +39,10 @@ from pathlib import Path
 from typing import Any
 
 from deploy.run_layout import resolve_variant
+from deploy.runtime import ONNX_FILE
 from mlpruning import __version__
 from mlpruning.errors import UserError
 
-ONNX_FILE = "model.onnx"
 PLAN_FILE = "model.plan"
 ENGINE_REPORT = "engine.json"
 METADATA = "mlpruning.json"
@@ -304,8 +304,9 @@ def _copy_client_files(source: Path, dest: Path) -> None:
             shutil.copy2(source / file, dest / file)
 
 
-def _metadata(folder: Path, variant: str | None, config: dict, functions: int, opts: TritonOptions) -> dict:
-    client = _onnx_source(folder).parent
+def _metadata(
+    folder: Path, client: Path, variant: str | None, config: dict, functions: int, opts: TritonOptions
+) -> dict:
     hf = json.loads((client / "config.json").read_text()) if (client / "config.json").is_file() else {}
     export = json.loads((client / "export.json").read_text()) if (client / "export.json").is_file() else {}
     return {
@@ -358,8 +359,9 @@ def export_triton(
     final = repo / (re.sub(r"[^A-Za-z0-9_.-]+", "_", name or default).strip("._") or "model")
     if final.exists() and not overwrite:
         raise UserError(f"{final} exists: pass --overwrite to replace it")
+    onnx_source = _onnx_source(folder)
     try:
-        config = model_config(final.name, *read_signature(_onnx_source(folder)), opts)
+        config = model_config(final.name, *read_signature(onnx_source), opts)
         text = to_pbtxt(config) + "\n"
         schema_checked = schema_check(text)
     except ValueError as exc:
@@ -369,8 +371,8 @@ def export_triton(
     try:
         (staging / "1").mkdir()
         functions = _copy_model(folder, staging / "1", opts)
-        _copy_client_files(_onnx_source(folder).parent, staging / "tokenizer")
-        metadata = _metadata(folder, variant, config, functions, opts)
+        _copy_client_files(onnx_source.parent, staging / "tokenizer")
+        metadata = _metadata(folder, onnx_source.parent, variant, config, functions, opts)
         (staging / METADATA).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
         (staging / "config.pbtxt").write_text(text, encoding="utf-8")
         _install(staging, final, overwrite)
