@@ -6,7 +6,11 @@ sizes of 32-48, so a training step takes milliseconds.
 
 from __future__ import annotations
 
+import os
 import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +19,22 @@ from pipeline.models import embedded_default_dir
 from pipeline.tasks import EMBEDDED_DIR
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(*args: str, procs: int = 2) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run`` with ``procs`` CPU processes (1 thread each); must succeed."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs)]
+    cmd += ["--master_port", str(free_port())]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([*cmd, *args], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
 
 
 def save_tiny(

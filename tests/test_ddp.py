@@ -5,10 +5,6 @@ ranks pick their GPU and split a short batch."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,18 +16,7 @@ from mlpruning.errors import UserError
 from pipeline import trainloop
 from pipeline.pruning.checkpoint import load_masked, read_masks
 from pipeline.trainloop import RESUME_FILE, TrainLoop
-from tests.conftest import train_tiny_teacher
-
-
-def _torchrun(*args: str) -> subprocess.CompletedProcess:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([*cmd, *args], capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+from tests.conftest import torchrun, train_tiny_teacher
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +30,7 @@ def test_finetune_under_torchrun_writes_one_checkpoint(teacher, tmp_path):
     out = tmp_path / "ft"
     args = ["--task", "sst2", "--model", str(path), "--out", str(out), "--data-dir", str(glue)]
     args += ["--epochs", "2", "--batch-size", "8", "--quiet"]
-    proc = _torchrun("-m", "mlpruning.cli", "finetune", *args)
+    proc = torchrun("-m", "mlpruning.cli", "finetune", *args)
     assert proc.stdout.count('"out"') == 1  # rank 0 reports, rank 1 does not
     meta = json.loads((out / "mlpruning.json").read_text())
     assert meta["steps"] == 2 * 8 and (out / "eval.json").is_file() and not (out / RESUME_FILE).exists()
@@ -60,10 +45,10 @@ def test_stopped_and_resumed_ddp_run_equals_an_uninterrupted_one(teacher, tmp_pa
     cfg = dict(task="sst2", teacher=str(path), target=0.5, epochs=3, batch_size=8, threshold_init=0.5)
     cfg |= dict(data_dir=str(glue), max_length=32, save_every=5, max_train_examples=36)
     worker = str(Path(__file__).with_name("ddp_worker.py"))
-    _torchrun(worker, json.dumps(cfg), str(tmp_path / "a"), "full")
-    _torchrun(worker, json.dumps(cfg), str(tmp_path / "b"), "stop", "7")
+    torchrun(worker, json.dumps(cfg), str(tmp_path / "a"), "full")
+    torchrun(worker, json.dumps(cfg), str(tmp_path / "b"), "stop", "7")
     assert (tmp_path / "b" / RESUME_FILE).is_file() and not (tmp_path / "b" / "pruning.json").exists()
-    _torchrun(worker, json.dumps(cfg), str(tmp_path / "b"), "resume")
+    torchrun(worker, json.dumps(cfg), str(tmp_path / "b"), "resume")
     ma, mb = read_masks(tmp_path / "a"), read_masks(tmp_path / "b")
     assert all(torch.equal(ma[k], mb[k]) for k in ma)
     wa, wb = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")

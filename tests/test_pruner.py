@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,7 +13,7 @@ from pipeline.config import PruneConfig
 from pipeline.pruning.checkpoint import load_masked, read_masks
 from pipeline.pruning.pruner import Pruner
 from pipeline.trainloop import RESUME_FILE, Interrupted
-from tests.conftest import save_tiny, train_tiny_teacher
+from tests.conftest import save_tiny, torchrun, train_tiny_teacher
 
 
 @pytest.fixture(scope="module")
@@ -142,51 +139,12 @@ def test_target_range(teacher, target, ok):
             _cfg(teacher, target)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_ddp_two_processes_gloo(teacher, tmp_path):
     """torchrun --nproc_per_node 2 on CPU (gloo): the run completes and both ranks stay in sync."""
     path, glue = teacher
     out = tmp_path / "ddp"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(_free_port()),
-        "-m",
-        "mlpruning.cli",
-        "prune",
-        "--teacher",
-        str(path),
-        "--task",
-        "sst2",
-        "--target",
-        "0.5",
-        "--out",
-        str(out),
-        "--data-dir",
-        str(glue),
-        "--epochs",
-        "10",
-        "--batch-size",
-        "8",
-        "--mask-lr",
-        "0.1",
-        "--lambda-final",
-        "200",
-        "--quiet",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    args = ["--teacher", str(path), "--task", "sst2", "--target", "0.5", "--out", str(out)]
+    args += ["--data-dir", str(glue), "--epochs", "10", "--batch-size", "8", "--mask-lr", "0.1"]
+    torchrun("-m", "mlpruning.cli", "prune", *args, "--lambda-final", "200", "--quiet")
     assert json.loads((out / "pruning.json").read_text())["remaining_ratio"] < 0.9
     load_masked(out)

@@ -12,7 +12,6 @@ import asyncio
 import http.client
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -37,6 +36,7 @@ from deploy.serve import (
     resolve_target,
 )
 from mlpruning.errors import UserError
+from tests.conftest import free_port
 
 TEXTS = [
     "fine",
@@ -339,12 +339,6 @@ def test_batcher_splits_large_requests_and_isolates_failures() -> None:
             await batcher.stop()
 
     asyncio.run(scenario())
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_cli_serves_until_stopped(folder: Path) -> None:
