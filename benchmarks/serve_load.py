@@ -27,12 +27,12 @@ from typing import Any
 
 import numpy as np
 
-from deploy.batcher import read_json
+from deploy.batcher import peek_json
 from pipeline.tasks import get_task, load_split
 
 
 def sample_texts(folder: Path, n: int) -> list[Any]:
-    task_name = (read_json(folder / "pruning.json") or read_json(folder / "export.json") or {}).get("task")
+    task_name = (peek_json(folder / "pruning.json") or peek_json(folder / "export.json") or {}).get("task")
     task = get_task(task_name or "sst2")
     examples = load_split(task, "dev").texts
     return [ex[0] if len(ex) == 1 else list(ex) for ex in itertools.islice(itertools.cycle(examples), n)]

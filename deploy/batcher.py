@@ -41,7 +41,7 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from deploy.triton import ENGINE_REPORT
+from deploy.engine_report import ENGINE_REPORT, profile_ranges
 from deploy.trt_engine import ENGINE_PROVIDER, open_model, runtime_name
 from mlpruning.errors import UserError
 
@@ -166,7 +166,9 @@ class MicroBatcher(Generic[ItemT, ResultT]):
                     fut.set_result(result)
 
 
-def read_json(path: Path) -> dict[str, Any] | None:
+def peek_json(path: Path) -> dict[str, Any] | None:
+    """A serving-side JSON file, None when absent or unreadable: metadata never stops the server
+    (a corrupt file is logged; engine.json, which limits what it serves, is read strictly)."""
     if not path.is_file():
         return None
     try:
@@ -189,7 +191,7 @@ class ServedModel:
         engine: bool = False,
     ) -> None:
         self.session = open_model(folder, threads, provider, engine)  # one-line error if no model
-        self.config = read_json(folder / "config.json")
+        self.config = peek_json(folder / "config.json")
         if self.config is None:
             raise UserError(f"{folder} has no readable config.json: pass a folder written by export")
         self.task = _task_of(folder)
@@ -251,7 +253,7 @@ def _task_of(folder: Path) -> Any:
     from pipeline.tasks import get_task
 
     for name in ("pruning.json", "export.json"):
-        task = (read_json(folder / name) or {}).get("task")
+        task = (peek_json(folder / name) or {}).get("task")
         if isinstance(task, str):
             try:
                 return get_task(task)
@@ -283,10 +285,10 @@ def engine_profile(folder: Path) -> tuple[int, int] | None:
     """(largest batch, longest sequence) the engine's optimization profile takes, from the
     engine.json ``mlpruning build`` wrote beside it; None without one. Micro-batches come in
     every size from one short text up, so the profile must start at batch 1 and sequence 1."""
-    profile = (read_json(folder / ENGINE_REPORT) or {}).get("profile")
-    if not profile:
+    ranges = profile_ranges(folder)
+    if ranges is None:
         return None
-    (b_min, *_, b_max), (s_min, *_, s_max) = profile["batch"], profile["seq"]
+    (b_min, _, b_max), (s_min, _, s_max) = ranges["batch"], ranges["seq"]
     if b_min > 1 or s_min > 1:
         raise UserError(
             f"{folder / ENGINE_REPORT}: the engine takes batches from {b_min} and sequences from {s_min}, "
@@ -299,7 +301,7 @@ def _token_limit(folder: Path, config: dict[str, Any], asked: int | None, engine
     positions = int(config.get("max_position_embeddings") or 512)
     if config.get("model_type") in _ROBERTA_LIKE:
         positions -= int(config.get("pad_token_id", 1)) + 1
-    tokenizer_max = (read_json(folder / "tokenizer_config.json") or {}).get("model_max_length")
+    tokenizer_max = (peek_json(folder / "tokenizer_config.json") or {}).get("model_max_length")
     limit = min(positions, tokenizer_max) if isinstance(tokenizer_max, int) else positions
     limit = min(limit, engine_seq) if engine_seq else limit
     if asked is not None and asked > limit:

@@ -28,9 +28,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deploy.summary import read_json
 from mlpruning import __version__
 from mlpruning.errors import UserError
+from mlpruning.jsonfile import read_json
 
 FORMAT = 1
 KIND = "mlpruning-baseline"
@@ -199,7 +199,7 @@ def make_baseline(summary: dict[str, Any], tolerance: GateTolerance | None = Non
 
 
 def load_baseline(path: Path) -> dict[str, Any]:
-    data = read_json(path)
+    data = read_json(path, "write it again with `mlpruning compare RUN --write-baseline`")
     if data is None:
         raise UserError(
             f"baseline {path} does not exist: write one with `mlpruning compare RUN --write-baseline`"

@@ -49,7 +49,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from deploy.batcher import MicroBatcher, QueueFull, ServedModel, read_json
+from deploy.batcher import MicroBatcher, QueueFull, ServedModel, peek_json
 from deploy.run_layout import RUN_STATE, VARIANTS, bench_report, model_dir
 from deploy.run_layout import verify_report as verify_report_path
 from deploy.runtime import ONNX_FILE, PROVIDERS
@@ -162,11 +162,11 @@ def build_metadata(cfg: ServeConfig, model: ServedModel) -> dict[str, Any]:
     limits = {k: v for k, v in asdict(cfg).items() if k.startswith("max_") or k == "truncate"}
     limits["max_tokens"] = model.max_tokens
     reports = {
-        "manifest": read_json(folder / "pruning.json"),
-        "optimize": read_json(folder / "optimize.json"),
-        "export": read_json(folder / "export.json"),
-        "verify": read_json(verify_report_path(run, variant)) if run and variant else None,
-        "bench": read_json(bench_report(run, variant)) if run and variant else None,
+        "manifest": peek_json(folder / "pruning.json"),
+        "optimize": peek_json(folder / "optimize.json"),
+        "export": peek_json(folder / "export.json"),
+        "verify": peek_json(verify_report_path(run, variant)) if run and variant else None,
+        "bench": peek_json(bench_report(run, variant)) if run and variant else None,
     }
     return {
         "model_dir": str(folder),

@@ -22,7 +22,6 @@ Torch-free.
 
 from __future__ import annotations
 
-import json
 import platform
 from importlib import metadata
 from pathlib import Path
@@ -32,23 +31,11 @@ from deploy import run_layout as layout
 from mlpruning import __version__
 from mlpruning.atomic import write_json
 from mlpruning.errors import UserError
+from mlpruning.jsonfile import read_json
 
 FORMAT = 1
 # Versions shown in the report, in this order; others recorded by a stage follow.
 VERSION_KEYS = ("python", "mlpruning", "torch", "transformers", "onnx", "onnxruntime")
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    """A stage's JSON file, ``None`` when absent; a corrupt one is a one-line user error."""
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path} is not valid JSON ({exc}): re-run the stage that writes it") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path} holds no JSON object: re-run the stage that writes it")
-    return data
 
 
 def point_key(batch: int, seq: int) -> str:

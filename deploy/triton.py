@@ -38,13 +38,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from deploy.engine_report import engine_source, profile_ranges
 from deploy.run_layout import resolve_variant
 from deploy.runtime import ONNX_FILE
 from mlpruning import __version__
 from mlpruning.errors import UserError
+from mlpruning.jsonfile import read_json
 
 PLAN_FILE = "model.plan"
-ENGINE_REPORT = "engine.json"
 METADATA = "mlpruning.json"
 BACKENDS = {"onnxruntime": ("onnxruntime_onnx", ONNX_FILE), "tensorrt": ("tensorrt_plan", PLAN_FILE)}
 KINDS = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}
@@ -251,18 +252,17 @@ def _onnx_source(folder: Path) -> Path:
     """The ONNX model a folder's model.plan was built from (same folder unless build --out moved it)."""
     if (folder / ONNX_FILE).is_file():
         return folder / ONNX_FILE
-    report = folder / ENGINE_REPORT
-    source = Path(json.loads(report.read_text(encoding="utf-8"))["source"]) if report.is_file() else folder
+    source = engine_source(folder)
     if not (source / ONNX_FILE).is_file():
         raise UserError(f"{folder} has no {ONNX_FILE} to read the inputs from: keep the engine next to it")
     return source / ONNX_FILE
 
 
 def _engine_profile_check(folder: Path, opts: TritonOptions) -> None:
-    report = folder / ENGINE_REPORT
-    if opts.backend != "tensorrt" or not report.is_file():
+    ranges = profile_ranges(folder) if opts.backend == "tensorrt" else None
+    if ranges is None:
         return
-    max_batch = json.loads(report.read_text(encoding="utf-8"))["profile"]["batch"][2]
+    max_batch = ranges["batch"][2]
     if opts.max_batch_size > max_batch:
         raise UserError(
             f"--max-batch-size {opts.max_batch_size} exceeds the engine's profile ({max_batch}): "
@@ -307,8 +307,8 @@ def _copy_client_files(source: Path, dest: Path) -> None:
 def _metadata(
     folder: Path, client: Path, variant: str | None, config: dict, functions: int, opts: TritonOptions
 ) -> dict:
-    hf = json.loads((client / "config.json").read_text()) if (client / "config.json").is_file() else {}
-    export = json.loads((client / "export.json").read_text()) if (client / "export.json").is_file() else {}
+    hf = read_json(client / "config.json", "re-run mlpruning export") or {}
+    export = read_json(client / "export.json", "re-run mlpruning export") or {}
     return {
         "format_version": 1,
         "tool_version": __version__,

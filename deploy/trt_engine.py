@@ -38,8 +38,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from deploy.engine_report import ENGINE_REPORT
 from deploy.runtime import ONNX_FILE, model_path, open_session
-from deploy.triton import ENGINE_REPORT, PLAN_FILE, TensorSpec, signature
+from deploy.triton import PLAN_FILE, TensorSpec, signature
 from mlpruning import __version__
 from mlpruning.atomic import write_json, write_with
 from mlpruning.errors import UserError

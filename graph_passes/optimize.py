@@ -10,7 +10,6 @@ before and after, the reasons anything was skipped, and the measured choices.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from graph_passes.strip_heads import StripHeadsPass
 from graph_passes.strip_rows import StripRowsPass
 from mlpruning.atomic import staging_dir, write_json
 from mlpruning.errors import UserError
+from mlpruning.jsonfile import read_json
 
 ONNX_FILE = "model.onnx"
 MANIFEST_FILE = "pruning.json"
@@ -64,9 +64,9 @@ def read_folder(folder: Path, num_heads: int | None = None) -> tuple[ir.Model, d
     model = ir.external_data.load_to_model(model)
     if not (folder / MANIFEST_FILE).is_file():
         config_path = folder / "config.json"
-        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else None
+        config = read_json(config_path, "re-run mlpruning export")
         return model, detect_manifest(model, config, num_heads)
-    manifest = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
+    manifest = read_json(folder / MANIFEST_FILE, "re-run mlpruning export") or {}
     if "adapter" not in manifest or "prefix" not in manifest["adapter"]:
         raise UserError(f"{folder / MANIFEST_FILE} predates row indices: re-run mlpruning export")
     return model, manifest

@@ -10,6 +10,7 @@ import typer
 
 from mlpruning.cli_common import app, int_list
 from mlpruning.errors import UserError
+from mlpruning.jsonfile import read_json
 
 SourceArg = Annotated[
     Path, typer.Argument(help="Run folder (mlpruning run) or a folder with model.onnx / model.plan.")
@@ -74,12 +75,8 @@ def export_triton(
 
 def _max_seq(folder: Path) -> int:
     """512, or less when the model's position table is shorter."""
-    config = folder / "config.json"
-    if config.is_file():
-        return min(
-            512, int(json.loads(config.read_text(encoding="utf-8")).get("max_position_embeddings", 512))
-        )
-    return 512
+    config = read_json(folder / "config.json", "re-run mlpruning export") or {}
+    return min(512, int(config.get("max_position_embeddings") or 512))
 
 
 @app.command()

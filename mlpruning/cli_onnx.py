@@ -10,6 +10,7 @@ import typer
 
 from mlpruning.cli_common import DataDirOpt, TaskOpt, app, echo_err, int_list
 from mlpruning.errors import UserError
+from mlpruning.jsonfile import read_json
 
 ProviderOpt = Annotated[
     str, typer.Option("--provider", help="ONNX Runtime provider: cpu, cuda or tensorrt (onnxruntime-gpu).")
@@ -123,10 +124,10 @@ def verify(
 
 def _export_stage(model_dir: Path) -> list[Path]:
     """The export folder an optimized folder came from, when it still exists."""
-    path = model_dir / "optimize.json"
-    if not path.is_file():
+    report = read_json(model_dir / "optimize.json", "re-run mlpruning optimize")
+    if report is None:
         return []
-    source = Path(json.loads(path.read_text(encoding="utf-8")).get("source", ""))
+    source = Path(report.get("source", ""))
     return [source] if (source / "model.onnx").is_file() and source.resolve() != model_dir.resolve() else []
 
 

@@ -31,7 +31,7 @@ from typing import Any
 
 from deploy import run_layout as L
 from mlpruning.atomic import write_json
-from mlpruning.errors import UserError
+from mlpruning.jsonfile import read_json
 from mlpruning.run_config import RunConfig
 
 STATE_FORMAT = 1
@@ -70,11 +70,8 @@ class RunState:
     def __init__(self, run: Path, config_file: Path) -> None:
         self.path = run / L.RUN_STATE
         self.data: dict[str, Any] = {"format": STATE_FORMAT, "config_file": str(config_file), "stages": {}}
-        if self.path.is_file():
-            try:
-                old = json.loads(self.path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError:
-                raise UserError(f"{self.path} is corrupt: delete it to rerun every stage") from None
+        old = read_json(self.path, "delete it to rerun every stage")
+        if old is not None:
             self.data["stages"] = old.get("stages", {})
 
     def get(self, stage: str) -> dict[str, Any]:

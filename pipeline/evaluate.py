@@ -6,7 +6,6 @@ scoring, so predictions line up with the data file (and with other runtimes' pre
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ import numpy as np
 
 from mlpruning import __version__
 from mlpruning.errors import UserError
+from mlpruning.jsonfile import read_json
 from pipeline.batching import Encoded, collate, encode, sorted_batches
 from pipeline.metrics import compute_metrics
 from pipeline.tasks import TaskSpec, get_task, load_split
@@ -74,13 +74,7 @@ def evaluate_encoded(model: PreTrainedModel, task: TaskSpec, encoded: Encoded, s
 
 
 def read_metadata(model_dir: Path) -> dict:
-    path = model_dir / METADATA_FILE
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path} is not valid JSON ({exc.msg}): re-run finetune or delete it") from None
+    return read_json(model_dir / METADATA_FILE, "re-run finetune or delete it") or {}
 
 
 def task_for_checkpoint(model_dir: Path, task_name: str | None) -> TaskSpec:

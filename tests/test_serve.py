@@ -255,6 +255,9 @@ def test_an_engine_profile_caps_tokens_and_batch(folder: Path, tmp_path: Path, m
     (engine / "engine.json").write_text(json.dumps({"profile": {"batch": [2, 4, 8], "seq": [1, 16, 32]}}))
     with pytest.raises(UserError, match="takes batches from 2 .* rebuild with --batch 1,OPT,MAX"):
         ServedModel(engine, threads=1, engine=True)
+    (engine / "engine.json").write_text('{"profile": ')  # a truncated copy limits nothing: refused
+    with pytest.raises(UserError, match="engine.json is not valid JSON .*: rebuild the engine"):
+        ServedModel(engine, threads=1, engine=True)
 
 
 @pytest.mark.parametrize(

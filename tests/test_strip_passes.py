@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import onnx
@@ -84,6 +85,12 @@ def test_missing_pieces_are_reported(stripped, tmp_path):
         optimize(tmp_path, tmp_path / "out")
     with pytest.raises(UserError, match="is already optimized"):
         optimize(stripped / "opt", tmp_path / "again")
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(stripped / "onnx", corrupt)
+    (corrupt / "pruning.json").write_text('{"adapter": ')  # a truncated copy
+    with pytest.raises(UserError, match=r"pruning.json is not valid JSON .*: re-run mlpruning export"):
+        optimize(corrupt, tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()
 
 
 def test_graph_passes_need_no_torch():

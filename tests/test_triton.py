@@ -190,7 +190,8 @@ def test_inlined_model_gives_the_same_logits(tmp_path):
 def test_tensorrt_backend_uses_the_plan_and_its_profile(tmp_path):
     folder = make_classifier(tmp_path / "m")
     (folder / "model.plan").write_bytes(b"not a real engine")  # export-triton only copies it
-    (folder / "engine.json").write_text(json.dumps({"source": str(folder), "profile": {"batch": [1, 8, 16]}}))
+    profile = {"batch": [1, 8, 16], "seq": [1, 64, 128]}
+    (folder / "engine.json").write_text(json.dumps({"source": str(folder), "profile": profile}))
     repo = tmp_path / "repo"
     trt = ("export-triton", str(folder), "--out", str(repo), "--backend", "tensorrt")
     assert_one_line_error(run_cli(*trt), "exceeds the engine's profile (16)")
@@ -202,6 +203,9 @@ def test_tensorrt_backend_uses_the_plan_and_its_profile(tmp_path):
     assert config["max_batch_size"] == 16 and config["dynamic_batching"]["preferred_batch_size"] == [8, 16]
     assert (repo / "m" / "1" / "model.plan").read_bytes() == b"not a real engine"
     assert not (repo / "m" / "1" / "model.onnx").exists()
+    for bad in ("{", json.dumps({"profile": {"batch": [1, 8]}})):  # corrupt, or an axis short
+        (folder / "engine.json").write_text(bad)
+        assert_one_line_error(run_cli(*trt), "rebuild the engine with mlpruning build")
 
 
 def test_fixed_batch_and_missing_models(tmp_path):

@@ -26,7 +26,6 @@ tensor that disagrees is named.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from mlpruning import __version__
 from mlpruning.errors import UserError
+from mlpruning.jsonfile import read_json
 from pipeline.adapters import Geometry, adapter_for, geometry, layer_linears
 from pipeline.pruning.blocks import (
     MATRICES,
@@ -168,10 +168,7 @@ def read_manifest(ckpt: Path) -> dict[str, Any]:
         raise UserError(
             f"{ckpt} is not a masked checkpoint (no {MANIFEST_FILE}): pass the output of mlpruning prune"
         )
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path} is not valid JSON ({exc.msg}): the checkpoint is corrupt") from None
+    manifest = read_json(path, "the checkpoint is corrupt, re-run mlpruning prune") or {}
     if manifest.get("format_version", 0) > FORMAT_VERSION:
         raise UserError(f"{path} has format {manifest['format_version']}: upgrade mlpruning to read it")
     # format 1 (step 1 only) lacks the step-2 keys

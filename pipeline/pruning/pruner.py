@@ -16,7 +16,6 @@ masked checkpoint is written (:mod:`pipeline.pruning.checkpoint`), with the stru
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from torch import nn
 
 from mlpruning.atomic import staging_dir, write_json
 from mlpruning.errors import UserError
+from mlpruning.jsonfile import read_json
 from pipeline.adapters import geometry, layer_linears
 from pipeline.batching import collate
 from pipeline.config import PruneConfig
@@ -258,7 +258,4 @@ def base_model_of(teacher: str) -> str:
 
 
 def teacher_eval(teacher: str) -> dict[str, float] | None:
-    path = Path(teacher) / EVAL_FILE
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text(encoding="utf-8")).get("metrics")
+    return (read_json(Path(teacher) / EVAL_FILE, "re-run mlpruning eval on the teacher") or {}).get("metrics")
