@@ -42,6 +42,7 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 
 from deploy.engine_report import ENGINE_REPORT, profile_ranges
+from deploy.runtime import position_limit
 from deploy.trt_engine import ENGINE_PROVIDER, open_model, runtime_name
 from mlpruning.errors import UserError
 
@@ -49,7 +50,6 @@ log = logging.getLogger(__name__)
 
 ItemT = TypeVar("ItemT")
 ResultT = TypeVar("ResultT")
-_ROBERTA_LIKE = ("roberta", "xlm-roberta", "camembert")  # positions start after padding_idx
 
 
 @dataclass
@@ -262,12 +262,22 @@ def _task_of(folder: Path) -> Any:
     return None
 
 
+# the files one of which holds the vocabulary; the rest (tokenizer_config.json, ...) only tune it
+VOCAB_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
+
+
 def _load_tokenizer(folder: Path, config: dict[str, Any]) -> tuple[Any, int]:
     from tokenizers import Tokenizer
 
     path = folder / "tokenizer.json"
+    if not any((folder / name).is_file() for name in VOCAB_FILES):
+        # transformers would still build a tokenizer, with an empty vocabulary: all [UNK]
+        raise UserError(f"{folder} has no tokenizer files ({', '.join(VOCAB_FILES)}): re-run export")
     if path.is_file():
-        tokenizer = Tokenizer.from_file(str(path))
+        try:
+            tokenizer = Tokenizer.from_file(str(path))
+        except Exception as exc:  # tokenizers raises a bare Exception for a malformed file
+            raise UserError(f"{path} is not a readable tokenizer ({exc}): re-run export") from None
     else:
         from transformers import AutoTokenizer  # converts vocab.txt and friends (imports torch)
 
@@ -298,9 +308,7 @@ def engine_profile(folder: Path) -> tuple[int, int] | None:
 
 
 def _token_limit(folder: Path, config: dict[str, Any], asked: int | None, engine_seq: int | None) -> int:
-    positions = int(config.get("max_position_embeddings") or 512)
-    if config.get("model_type") in _ROBERTA_LIKE:
-        positions -= int(config.get("pad_token_id", 1)) + 1
+    positions = position_limit(config)
     tokenizer_max = (peek_json(folder / "tokenizer_config.json") or {}).get("model_max_length")
     limit = min(positions, tokenizer_max) if isinstance(tokenizer_max, int) else positions
     limit = min(limit, engine_seq) if engine_seq else limit

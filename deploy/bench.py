@@ -28,9 +28,11 @@ from typing import Any
 
 import numpy as np
 
-from deploy.runtime import PROVIDERS
+from deploy.runtime import PROVIDERS, position_limit
 from deploy.trt_engine import ENGINE_PROVIDER, open_model, runtime_name
 from mlpruning import __version__
+from mlpruning.errors import UserError
+from mlpruning.jsonfile import read_json
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,16 @@ class BenchConfig:
         for name in ("threads", "rounds", "iters"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def _check_lengths(folder: Path, seqs: tuple[int, ...]) -> None:
+    """A sequence past the position table fails deep inside ORT's Gather: refuse it up front."""
+    config = read_json(folder / "config.json", "re-run mlpruning export")
+    limit = position_limit(config) if config else None
+    if limit is not None and max(seqs) > limit:
+        raise UserError(
+            f"--seq {max(seqs)} is longer than {folder} takes ({limit} positions): pass --seq {limit} or less"
+        )
 
 
 def _inputs(session: Any, batch: int, seq: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -113,6 +125,9 @@ def _point(sessions: dict[str, Any], batch: int, seq: int, cfg: BenchConfig) -> 
 def bench(model_dir: Path, baseline_dir: Path | None, cfg: BenchConfig) -> dict[str, Any]:
     import onnxruntime as ort
 
+    for folder in (model_dir, baseline_dir):
+        if folder is not None:
+            _check_lengths(folder, cfg.seqs)
     sessions = {"model": open_model(model_dir, cfg.threads, cfg.provider, cfg.engine)}
     if baseline_dir is not None:
         sessions["baseline"] = open_model(baseline_dir, cfg.threads, cfg.provider)

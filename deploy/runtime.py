@@ -48,6 +48,17 @@ def model_path(folder: Path) -> Path:
     return path
 
 
+ROBERTA_LIKE = ("roberta", "xlm-roberta", "camembert")  # positions start after padding_idx
+
+
+def position_limit(config: dict[str, Any]) -> int:
+    """Longest sequence a model's position table takes, from its HF ``config.json`` (512 unknown)."""
+    positions = int(config.get("max_position_embeddings") or 512)
+    if config.get("model_type") in ROBERTA_LIKE:
+        positions -= int(config.get("pad_token_id", 1)) + 1
+    return positions
+
+
 def open_session(folder: Path, threads: int | None = None, provider: str = "cpu") -> Any:
     """An InferenceSession on ``folder/model.onnx``; ``threads`` None leaves ORT's default."""
     import onnxruntime as ort
@@ -60,8 +71,24 @@ def open_session(folder: Path, threads: int | None = None, provider: str = "cpu"
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(path), options, providers=wanted, disabled_optimizers=DISABLED_AT_LOAD)
+    try:
+        session = ort.InferenceSession(
+            str(path), options, providers=wanted, disabled_optimizers=DISABLED_AT_LOAD
+        )
+    except load_errors() as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise UserError(
+            f"onnxruntime cannot load {path} ({detail}): re-run the export or optimize that wrote it"
+        ) from None
     return checked_provider(session, wanted)
+
+
+def load_errors() -> tuple[type[Exception], ...]:
+    """ORT's errors for a model file it cannot parse or check (they derive from Exception only)."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    names = ("InvalidProtobuf", "InvalidArgument", "InvalidGraph", "NoSuchFile", "Fail")
+    return tuple(getattr(state, n) for n in names if hasattr(state, n))
 
 
 def checked_provider(session: Any, wanted: list[str]) -> Any:

@@ -42,6 +42,7 @@ from deploy.engine_report import engine_source, profile_ranges
 from deploy.run_layout import resolve_variant
 from deploy.runtime import ONNX_FILE
 from mlpruning import __version__
+from mlpruning.atomic import ensure_writable_dir
 from mlpruning.errors import UserError
 from mlpruning.jsonfile import read_json
 
@@ -80,8 +81,16 @@ def signature(proto: Any) -> tuple[list[TensorSpec], list[TensorSpec]]:
 
 def read_signature(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
     import onnx
+    from google.protobuf.message import DecodeError
 
-    return signature(onnx.load(str(path), load_external_data=False))
+    fix = "re-run the export or optimize that wrote it"
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, OSError) as exc:
+        raise UserError(f"{path} is not a readable ONNX model ({exc.__class__.__name__}): {fix}") from None
+    if not proto.graph.input or not proto.graph.output:  # an empty file parses as an empty model
+        raise UserError(f"{path} has no graph inputs or outputs: {fix}")
+    return signature(proto)
 
 
 @dataclass(frozen=True)
@@ -297,6 +306,13 @@ def _copy_model(folder: Path, dest: Path, opts: TritonOptions) -> int:
     return functions
 
 
+def _check_client_files(source: Path) -> None:
+    from deploy.batcher import VOCAB_FILES
+
+    if not any((source / name).is_file() for name in VOCAB_FILES):  # clients could not tokenize
+        raise UserError(f"{source} has no tokenizer files ({', '.join(VOCAB_FILES)}): re-run export")
+
+
 def _copy_client_files(source: Path, dest: Path) -> None:
     dest.mkdir()
     for file in CLIENT_FILES:
@@ -360,13 +376,14 @@ def export_triton(
     if final.exists() and not overwrite:
         raise UserError(f"{final} exists: pass --overwrite to replace it")
     onnx_source = _onnx_source(folder)
+    _check_client_files(onnx_source.parent)
     try:
         config = model_config(final.name, *read_signature(onnx_source), opts)
         text = to_pbtxt(config) + "\n"
         schema_checked = schema_check(text)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    repo.mkdir(parents=True, exist_ok=True)
+    ensure_writable_dir(repo)
     staging = Path(tempfile.mkdtemp(prefix=f".{repo.name}.{final.name}.", dir=repo.resolve().parent))
     try:
         (staging / "1").mkdir()

@@ -18,6 +18,7 @@ the metric check fails. PyTorch is needed for the reference side only (and the e
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,14 +34,19 @@ class Tolerance:
     rtol: float = 1e-3
 
     def __post_init__(self) -> None:
-        if self.atol < 0 or self.rtol < 0:
-            raise ValueError(f"tolerances must be >= 0, got atol={self.atol} rtol={self.rtol}")
+        # NaN compares False with every difference, so a NaN tolerance would pass anything
+        if not all(math.isfinite(t) and t >= 0 for t in (self.atol, self.rtol)):
+            raise ValueError(
+                f"tolerances must be finite and >= 0, got atol={self.atol} rtol={self.rtol}: "
+                "pass e.g. --atol 1e-4 --rtol 1e-3"
+            )
 
 
 def compare(got: np.ndarray, want: np.ndarray, tol: Tolerance) -> dict[str, Any]:
     diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
     rel = diff / np.maximum(np.abs(want), 1e-12)
-    failing = (diff > tol.atol) & (diff > tol.rtol * np.abs(want))
+    # a NaN or inf output fails: comparisons with NaN are False, so it would pass unnoticed
+    failing = ((diff > tol.atol) & (diff > tol.rtol * np.abs(want))) | ~np.isfinite(diff)
     # smallest atol that passes every element at this rtol
     needed_atol = float(np.max(np.where(diff > tol.rtol * np.abs(want), diff, 0.0)))
     # smallest rtol that passes every element at this atol

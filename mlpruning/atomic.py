@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from mlpruning.errors import UserError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -23,18 +25,43 @@ def _umask() -> int:
     return mask
 
 
+def unwritable(path: Path, exc: OSError) -> UserError:
+    """The one-line error for an output path the OS refuses (permissions, a file in the way, a full disk)."""
+    reason = exc.strerror or exc.__class__.__name__
+    return UserError(f"cannot write {path} ({reason}): choose another output path or free it")
+
+
+def ensure_writable_dir(folder: Path) -> None:
+    """Create ``folder`` and prove a file can be written in it, before hours of training."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder} is a file, not a folder: choose another output path")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise unwritable(folder, exc) from None
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` on success."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise unwritable(path, exc) from None
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         yield tmp
         if tmp.is_file():  # mkstemp creates 0600; give the final file the usual umask mode
             os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as exc:  # e.g. a folder where the file should go
+            raise unwritable(path, exc) from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -62,8 +89,10 @@ def staging_dir(final_dir: Path) -> Iterator[Path]:
     ``final_dir`` see every file either complete or absent. Callers write the file that marks
     completion (for example ``eval.json``) after the others.
     """
-    final_dir.mkdir(parents=True, exist_ok=True)
+    created = not final_dir.exists()
+    ensure_writable_dir(final_dir)
     tmp = Path(tempfile.mkdtemp(prefix=".staging.", suffix=".tmp", dir=final_dir))
+    done = False
     try:
         yield tmp
         for item in sorted(tmp.rglob("*")):
@@ -71,5 +100,8 @@ def staging_dir(final_dir: Path) -> Iterator[Path]:
                 dest = final_dir / item.relative_to(tmp)
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(item, dest)
+        done = True
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if created and not done and not any(final_dir.iterdir()):
+            final_dir.rmdir()  # a failed first write leaves no empty output folder behind

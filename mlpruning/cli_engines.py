@@ -75,8 +75,9 @@ def export_triton(
 
 def _max_seq(folder: Path) -> int:
     """512, or less when the model's position table is shorter."""
-    config = read_json(folder / "config.json", "re-run mlpruning export") or {}
-    return min(512, int(config.get("max_position_embeddings") or 512))
+    from deploy.runtime import position_limit  # torch-free
+
+    return min(512, position_limit(read_json(folder / "config.json", "re-run mlpruning export") or {}))
 
 
 @app.command()

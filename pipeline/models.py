@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from safetensors import SafetensorError
+
 from mlpruning.errors import UserError
 from pipeline.adapters import adapter_for
 from pipeline.tasks import TaskSpec
@@ -111,17 +113,29 @@ def load_for_task(name: str, task: TaskSpec, attn_implementation: str | None = N
     config.id2label = dict(enumerate(task.label_names))
     config.label2id = {v: k for k, v in config.id2label.items()}
     config.problem_type = "regression" if task.is_regression else "single_label_classification"
+    _refuse_export_folder(Path(resolve_model(name)))
     with quiet_transformers():  # the 'newly initialized classifier' report is expected
         try:
             extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
             return AutoModelForSequenceClassification.from_pretrained(
                 resolve_model(name), config=config, **extra
             )
-        except (OSError, ValueError, RuntimeError) as exc:
+        except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+            detail = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
             raise UserError(
-                f"could not load weights of {name} ({exc}): the checkpoint is "
+                f"could not load weights of {name} ({detail}): the checkpoint is "
                 "corrupt or does not match its config.json"
             ) from None
+
+
+def _refuse_export_folder(folder: Path) -> None:
+    """An ONNX export folder has an HF config.json but no PyTorch weights: say so by name."""
+    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+    if (folder / "model.onnx").is_file() and not any((folder / w).is_file() for w in weights):
+        raise UserError(
+            f"{folder} is an ONNX export, not a PyTorch model: pass the checkpoint it was exported "
+            "from (see its export.json), or use verify/bench for ONNX folders"
+        )
 
 
 @contextmanager

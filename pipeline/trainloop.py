@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mlpruning.atomic import write_with
+from mlpruning.atomic import ensure_writable_dir, write_with
 from mlpruning.errors import UserError
 from pipeline.batching import Encoded, bucketed_batches
 from pipeline.evaluate import EvalResult
@@ -57,14 +57,18 @@ class LoopState:
 
 
 def check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to clobber a finished run or silently restart an interrupted one."""
+    """Refuse to clobber a finished run or silently restart an interrupted one, and an output
+    folder that cannot be written (found now, not when the training ends)."""
     finished = (out / EVAL_FILE).is_file()
     pending = (out / RESUME_FILE).is_file()
     if overwrite:
         if is_main():
             shutil.rmtree(out / RESUME_FILE.parent, ignore_errors=True)
             (out / EVAL_FILE).unlink(missing_ok=True)
+        ensure_writable_dir(out)
         return
+    if out.is_dir() and not finished and not pending and (out / "config.json").is_file():
+        raise UserError(f"{out} already holds a model: choose another --out (it would be overwritten)")
     if resume and not pending:
         raise UserError(f"{out} has no interrupted run to resume: drop --resume")
     if finished and not pending:
@@ -73,6 +77,7 @@ def check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
         raise UserError(
             f"{out} holds an interrupted run: pass --resume to continue or --overwrite to restart"
         )
+    ensure_writable_dir(out)
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -36,6 +36,8 @@ def test_bad_bench_input(stripped, tmp_path):
         bench(tmp_path, None, BenchConfig())
     with pytest.raises(ValueError, match="batch sizes must be >= 1"):
         BenchConfig(batches=(0,))
+    with pytest.raises(UserError, match=r"--seq 384 is longer than .* \(\d+ positions\): pass --seq"):
+        bench(stripped / "opt", None, BenchConfig(seqs=(128, 384)))  # the CLI's default on a short model
     assert_one_line_error(run_cli("bench", str(stripped / "opt"), "--batch", "x"), "--batch takes integers")
     out = tmp_path / "b.json"
     proc = run_cli(

@@ -102,6 +102,20 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path, args, fragment):
     assert not (tmp_path / "o").exists()  # nothing half-written
 
 
+def test_truncated_weights_and_export_folders_are_named(tiny_bert, glue_dir, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_bert, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # an interrupted copy
+    base = ("--task", "sst2", "--data-dir", str(glue_dir))
+    assert_one_line_error(run_cli("eval", str(broken), *base), "the checkpoint is corrupt")
+    weights.unlink()
+    (broken / "model.onnx").write_bytes(b"")
+    assert_one_line_error(run_cli("eval", str(broken), *base), "is an ONNX export, not a PyTorch model")
+
+
 def test_finetune_and_eval_round_trip(tiny_bert, glue_dir, tmp_path):
     out = tmp_path / "teacher"
     cfg = tmp_path / "ft.toml"

@@ -140,6 +140,18 @@ def test_out_dir_guards(tiny_bert, glue_dir, tmp_path):
     assert not (out / "eval.json").exists()
 
 
+def test_out_dirs_that_cannot_take_a_run_are_refused_before_training(tiny_bert, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UserError, match="afile is a file, not a folder"):
+        check_out_dir(tmp_path / "afile", resume=False, overwrite=False)
+    with pytest.raises(UserError, match=r"cannot write .*afile/run \(.*\): choose another output path"):
+        check_out_dir(tmp_path / "afile" / "run", resume=False, overwrite=False)
+    with pytest.raises(UserError, match="already holds a model: choose another --out"):
+        check_out_dir(tiny_bert, resume=False, overwrite=False)  # a model folder, not a run
+    check_out_dir(tmp_path / "new", resume=False, overwrite=False)
+    assert (tmp_path / "new").is_dir() and not any((tmp_path / "new").iterdir())
+
+
 def test_corrupt_resume_state_is_reported(tiny_bert, glue_dir, tmp_path):
     out = tmp_path / "run"
     (out / RESUME_FILE).parent.mkdir(parents=True)

@@ -260,6 +260,21 @@ def test_an_engine_profile_caps_tokens_and_batch(folder: Path, tmp_path: Path, m
         ServedModel(engine, threads=1, engine=True)
 
 
+def test_broken_model_folders_are_refused_at_start(folder: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    (broken / "tokenizer.json").write_text("{bad")
+    with pytest.raises(UserError, match="tokenizer.json is not a readable tokenizer"):
+        ServedModel(broken, threads=1)
+    for path in [*broken.glob("tokenizer*"), *broken.glob("vocab*")]:
+        path.unlink()  # without vocabulary every word would be served as [UNK]
+    with pytest.raises(UserError, match="has no tokenizer files .*: re-run export"):
+        ServedModel(broken, threads=1)
+    (broken / "model.onnx").write_bytes(b"")
+    with pytest.raises(UserError, match="onnxruntime cannot load .*model.onnx .*: re-run the export"):
+        ServedModel(broken, threads=1)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "fragment"),
     [

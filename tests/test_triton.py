@@ -20,9 +20,18 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from deploy.triton import TensorSpec, TritonOptions, model_config, parse_pbtxt, read_signature, to_pbtxt
+from deploy.triton import (
+    TensorSpec,
+    TritonOptions,
+    export_triton,
+    model_config,
+    parse_pbtxt,
+    read_signature,
+    to_pbtxt,
+)
 from graph_passes.block_sparse import replace_linear
 from graph_passes.linears import LinearSite
+from mlpruning.errors import UserError
 from tests.test_cli import assert_one_line_error, run_cli
 
 HIDDEN, VOCAB = 64, 5000  # bench feeds token ids up to 5000
@@ -227,3 +236,19 @@ def test_fixed_batch_and_missing_models(tmp_path):
         ),
         "mlpruning build",
     )
+
+
+def test_broken_folders_are_refused_before_anything_is_written(tmp_path):
+    folder = make_classifier(tmp_path / "m")
+    repo = tmp_path / "repo"
+    model = folder / "model.onnx"
+    cases = [
+        (lambda: model.write_bytes(model.read_bytes()[:50]), "is not a readable ONNX model"),
+        (lambda: model.write_bytes(b""), "has no graph inputs or outputs"),
+        (lambda: (folder / "tokenizer.json").unlink(), "has no tokenizer files"),  # checked first
+    ]
+    for breaks, fragment in cases:
+        breaks()
+        with pytest.raises(UserError, match=fragment):
+            export_triton(folder, repo, TritonOptions())
+        assert not repo.exists()

@@ -25,6 +25,15 @@ def test_compare_follows_polygraphy_rule():
     assert bad["atol_that_passes"] == pytest.approx(0.01) and bad["rtol_that_passes"] == pytest.approx(0.01)
 
 
+def test_non_finite_outputs_fail_and_non_finite_tolerances_are_refused():
+    want = np.array([1.0, -2.0, 0.5])
+    bad = compare(np.array([1.0, np.nan, np.inf]), want, Tolerance())
+    assert not bad["passed"] and bad["failing_elements"] == 2
+    for atol, rtol in ((float("nan"), 1e-3), (1e-4, float("inf")), (-1.0, 1e-3)):
+        with pytest.raises(ValueError, match="finite and >= 0"):
+            Tolerance(atol, rtol)
+
+
 def test_faithful_artifacts_pass(masked, stripped, tmp_path):
     glue = masked / "glue"
     proc = run_cli(
