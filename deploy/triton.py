@@ -42,7 +42,7 @@ from deploy.engine_report import engine_source, profile_ranges
 from deploy.run_layout import resolve_variant
 from deploy.runtime import ONNX_FILE
 from mlpruning import __version__
-from mlpruning.atomic import ensure_writable_dir
+from mlpruning.atomic import make_writable_dir
 from mlpruning.errors import UserError
 from mlpruning.jsonfile import read_json
 
@@ -383,7 +383,7 @@ def export_triton(
         schema_checked = schema_check(text)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    ensure_writable_dir(repo)
+    make_writable_dir(repo)
     staging = Path(tempfile.mkdtemp(prefix=f".{repo.name}.{final.name}.", dir=repo.resolve().parent))
     try:
         (staging / "1").mkdir()

@@ -31,15 +31,29 @@ def unwritable(path: Path, exc: OSError) -> UserError:
     return UserError(f"cannot write {path} ({reason}): choose another output path or free it")
 
 
-def ensure_writable_dir(folder: Path) -> None:
-    """Create ``folder`` and prove a file can be written in it, before hours of training."""
+def check_writable_dir(folder: Path) -> None:
+    """Prove ``folder`` can be created and written (a probe file in it, or in its nearest existing
+    ancestor) before hours of training; creates nothing that stays."""
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{folder} is a file, not a folder: choose another output path")
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=folder)
+        if not existing.is_dir():
+            raise NotADirectoryError(20, f"{existing} is a file")
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=existing)
         os.close(fd)
         os.unlink(probe)
+    except OSError as exc:
+        raise unwritable(folder, exc) from None
+
+
+def make_writable_dir(folder: Path) -> None:
+    """``mkdir -p`` with the checks and the one-line error of :func:`check_writable_dir`."""
+    check_writable_dir(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise unwritable(folder, exc) from None
 
@@ -90,7 +104,7 @@ def staging_dir(final_dir: Path) -> Iterator[Path]:
     completion (for example ``eval.json``) after the others.
     """
     created = not final_dir.exists()
-    ensure_writable_dir(final_dir)
+    make_writable_dir(final_dir)
     tmp = Path(tempfile.mkdtemp(prefix=".staging.", suffix=".tmp", dir=final_dir))
     done = False
     try:

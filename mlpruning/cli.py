@@ -374,12 +374,33 @@ from mlpruning import cli_run  # noqa: E402, F401  # isort: skip
 
 
 def main() -> None:
-    """Console-script entry point: one-line errors, exit 2 for user errors."""
+    """Console-script entry point: one-line errors, exit 2 for user errors.
+
+    Click's own usage errors (an unknown option, ``--threads 0``) would print a boxed usage
+    panel; outside standalone mode they reach here and get the same one line as a UserError.
+    """
     try:
-        app(args=spread_list_flags(sys.argv[1:]))
+        code = app(args=spread_list_flags(sys.argv[1:]), prog_name="mlpruning", standalone_mode=False)
     except UserError as exc:
         echo_err(str(exc))
         sys.exit(2)
+    except typer.Abort:  # Ctrl-C outside a training loop (those save state and exit 130 themselves)
+        echo_err("interrupted")
+        sys.exit(130)
+    except Exception as exc:
+        if not _is_usage_error(exc):
+            raise
+        message = exc.format_message().rstrip(".")  # type: ignore[attr-defined]
+        ctx = getattr(exc, "ctx", None)
+        if message:  # empty after a bare `mlpruning`, which has printed the help already
+            echo_err(f"{message}: see {ctx.command_path if ctx is not None else 'mlpruning'} --help")
+        sys.exit(2)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _is_usage_error(exc: Exception) -> bool:
+    # recent typer raises its vendored copy of click's UsageError, older typer click's own
+    return any(cls.__name__ == "UsageError" for cls in type(exc).__mro__)
 
 
 if __name__ == "__main__":

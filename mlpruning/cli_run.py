@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from mlpruning.atomic import ensure_writable_dir
+from mlpruning.atomic import make_writable_dir
 from mlpruning.cli_common import app, echo_err, set_threads, stderr_console
 from mlpruning.errors import UserError
 
@@ -55,7 +55,7 @@ def run_pipeline(
     actions = StageActions(cfg, run, device, TrainProgress(enabled=not quiet, console=console))
     stages = build_stages(actions)
     forced = _stage_names(rerun, [s.name for s in stages])
-    ensure_writable_dir(run)
+    make_writable_dir(run)
     console.print(f"run {config} -> {run}: {len(stages)} stages")
     try:
         log = partial(console.print, markup=False, highlight=False)  # "[step1]" is not rich markup

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mlpruning.atomic import ensure_writable_dir, write_with
+from mlpruning.atomic import check_writable_dir, write_with
 from mlpruning.errors import UserError
 from pipeline.batching import Encoded, bucketed_batches
 from pipeline.evaluate import EvalResult
@@ -65,7 +65,7 @@ def check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
         if is_main():
             shutil.rmtree(out / RESUME_FILE.parent, ignore_errors=True)
             (out / EVAL_FILE).unlink(missing_ok=True)
-        ensure_writable_dir(out)
+        check_writable_dir(out)
         return
     if out.is_dir() and not finished and not pending and (out / "config.json").is_file():
         raise UserError(f"{out} already holds a model: choose another --out (it would be overwritten)")
@@ -77,7 +77,7 @@ def check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
         raise UserError(
             f"{out} holds an interrupted run: pass --resume to continue or --overwrite to restart"
         )
-    ensure_writable_dir(out)
+    check_writable_dir(out)
 
 
 def resolve_device(name: str = "auto") -> torch.device:

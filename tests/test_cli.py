@@ -89,6 +89,10 @@ def test_version():
         (("optimize", "{tmp}/missing", "--out", "{tmp}/o"), "does not exist"),
         (("optimize", "{tmp}/gpt2", "--out", "{tmp}/o"), "has no model.onnx"),
         (("export", "{tmp}/gpt2", "--out", "{tmp}/o"), "neither a masked checkpoint nor a fine-tuned one"),
+        # click's usage errors: one line too, not a boxed usage panel
+        (("bench", "{tmp}", "--threads", "0"), "Invalid value for '--threads'"),
+        (("eval", "{tmp}", "--bogus"), "No such option: --bogus: see mlpruning eval --help"),
+        (("nope",), "No such command 'nope': see mlpruning --help"),
     ],
 )
 def test_bad_input_gives_one_line_and_exit_2(tmp_path, args, fragment):

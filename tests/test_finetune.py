@@ -148,8 +148,8 @@ def test_out_dirs_that_cannot_take_a_run_are_refused_before_training(tiny_bert, 
         check_out_dir(tmp_path / "afile" / "run", resume=False, overwrite=False)
     with pytest.raises(UserError, match="already holds a model: choose another --out"):
         check_out_dir(tiny_bert, resume=False, overwrite=False)  # a model folder, not a run
-    check_out_dir(tmp_path / "new", resume=False, overwrite=False)
-    assert (tmp_path / "new").is_dir() and not any((tmp_path / "new").iterdir())
+    check_out_dir(tmp_path / "new" / "run", resume=False, overwrite=False)
+    assert not (tmp_path / "new").exists()  # checked, nothing created yet
 
 
 def test_corrupt_resume_state_is_reported(tiny_bert, glue_dir, tmp_path):
