@@ -62,19 +62,41 @@ def _layout(model: ir.Model) -> dict[str, Any]:
     )
 
 
+def _heads_from_reshape(query: LinearSite) -> int | None:
+    """Head count from the head size the exporter wrote into the query's Reshape, if it did."""
+    reshape = reshape_after(query)
+    shape = reshape.inputs[1] if reshape is not None else None
+    producer = shape.producer() if shape is not None else None
+    if producer is None or producer.op_type != "Concat" or len(producer.inputs) != 4:
+        return None
+    head_dim = const_array(producer.inputs[3])
+    if head_dim is None or head_dim.size != 1 or int(head_dim.item()) <= 0:
+        return None
+    width = query.weight.shape[1]
+    return width // int(head_dim.item()) if width % int(head_dim.item()) == 0 else None
+
+
+def _dividing(heads: Any, width: int, what: str, fix: str) -> int:
+    """``heads`` if it splits the query width into whole heads; else a UserError naming ``what``."""
+    if not isinstance(heads, int) or isinstance(heads, bool) or heads < 1:
+        raise UserError(f"{what} is not a positive whole number: {fix}")
+    if width % heads:
+        raise UserError(f"{what} does not divide the query width {width} of model.onnx: {fix}")
+    return heads
+
+
 def _head_count(config: dict[str, Any], query: LinearSite, num_heads: int | None) -> int:
-    heads = num_heads or config.get("num_attention_heads") or config.get("n_heads")
-    if not heads:
-        reshape = reshape_after(query)
-        shape = reshape.inputs[1] if reshape is not None else None
-        producer = shape.producer() if shape is not None else None
-        if producer is not None and producer.op_type == "Concat" and len(producer.inputs) == 4:
-            head_dim = const_array(producer.inputs[3])
-            if head_dim is not None and head_dim.size == 1 and int(head_dim.item()) > 0:
-                heads = query.weight.shape[1] // int(head_dim.item())
-    if not heads or query.weight.shape[1] % int(heads):
+    width = query.weight.shape[1]
+    if num_heads is not None:
+        return _dividing(num_heads, width, f"--num-heads {num_heads}", "pass the model's real head count")
+    key = next((k for k in ("num_attention_heads", "n_heads") if config.get(k) is not None), None)
+    if key is not None:
+        what = f"config.json's {key} {config[key]!r}"
+        return _dividing(config[key], width, what, "fix config.json or pass --num-heads")
+    heads = _heads_from_reshape(query)
+    if heads is None:
         raise UserError("cannot tell the attention head count: add config.json or pass --num-heads")
-    return int(heads)
+    return heads
 
 
 def _nonzero(array: np.ndarray, axis: int) -> np.ndarray:

@@ -21,6 +21,7 @@ import onnx_ir.passes.common
 
 from graph_passes.block_pass import BlockSparsePass
 from graph_passes.detect import DETECTED_KIND, detect_manifest
+from graph_passes.manifest_check import EXPORT_FIX, check_export_manifest
 from graph_passes.ort_fusion import fuse_if_faster
 from graph_passes.scatter_rows import ScatterRowsPass
 from graph_passes.strip_heads import StripHeadsPass
@@ -64,11 +65,10 @@ def read_folder(folder: Path, num_heads: int | None = None) -> tuple[ir.Model, d
     model = ir.external_data.load_to_model(model)
     if not (folder / MANIFEST_FILE).is_file():
         config_path = folder / "config.json"
-        config = read_json(config_path, "re-run mlpruning export")
+        config = read_json(config_path, EXPORT_FIX)
         return model, detect_manifest(model, config, num_heads)
-    manifest = read_json(folder / MANIFEST_FILE, "re-run mlpruning export") or {}
-    if "adapter" not in manifest or "prefix" not in manifest["adapter"]:
-        raise UserError(f"{folder / MANIFEST_FILE} predates row indices: re-run mlpruning export")
+    manifest = read_json(folder / MANIFEST_FILE, EXPORT_FIX) or {}
+    check_export_manifest(manifest, folder / MANIFEST_FILE)
     return model, manifest
 
 

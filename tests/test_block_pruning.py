@@ -211,9 +211,3 @@ def test_shipped_block_config_is_valid():
     assert prune_step(path, None) == "block"
     cfg = build_config(BlockPruneConfig, "prune", path, {}, ("source", "target"), ("step",))
     assert cfg.block_shape == (32, 32) and 0 < cfg.target <= 1
-
-
-def test_format_1_manifest_is_back_filled(tmp_path):
-    (tmp_path / "pruning.json").write_text(json.dumps({"format_version": 1, "task": "sst2", "layers": []}))
-    manifest = read_manifest(tmp_path)
-    assert manifest["step"] == "head_row" and manifest["block"] is None and manifest["row_balanced"] is False

@@ -165,29 +165,24 @@ def test_prune_bad_input_gives_one_line_and_exit_2(tiny_bert, tmp_path):
 
 def test_inspect_names_the_tensor_that_disagrees(tiny_bert, tmp_path):
     """A masked checkpoint whose weights are not zero where its masks are off is refused."""
-    import shutil
-
     import torch
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForSequenceClassification
+
+    from pipeline.adapters import geometry
+    from pipeline.pruning.fixed import random_masks, write_masked
 
     ckpt = tmp_path / "ckpt"
-    shutil.copytree(tiny_bert, ckpt)
-    manifest = {
-        "format_version": 1,
-        "task": "sst2",
-        "remaining_ratio": 0.9,
-        "target": 0.9,
-        "layers": [],
-        "geometry": {},
-    }
-    (ckpt / "pruning.json").write_text(json.dumps(manifest))
-    masks = {
-        f"layer.{i}.{u}": torch.ones(n, dtype=torch.bool)
-        for i in range(2)
-        for u, n in (("heads", 4), ("attn_out", 32), ("ffn_in", 64), ("ffn_out", 32))
-    }
-    masks["layer.1.heads"][2] = False  # the random weights of head 2 are not zero
-    save_file(masks, str(ckpt / "masks.safetensors"))
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
+    geo = geometry(model)
+    masks = random_masks(geo, [geo.num_heads] * geo.num_layers, 1.0)
+    masks["layer1_heads"][2] = False
+    write_masked(model, masks, ckpt, "sst2")  # head 2 of layer 1 zeroed, as a real run writes it
+    weights = load_file(str(ckpt / "model.safetensors"))
+    name = "bert.encoder.layer.1.attention.self.query.weight"
+    rows = slice(2 * geo.head_dim, 3 * geo.head_dim)
+    weights[name][rows] = torch.randn_like(weights[name][rows])  # weights that disagree with the mask
+    save_file(weights, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
     proc = run_cli("inspect", str(ckpt))
     assert_one_line_error(proc, "tensor bert.encoder.layer.1.attention.self.query.weight has 256 non-zero")
     assert_one_line_error(run_cli("inspect", str(tmp_path / "nope")), "does not exist")

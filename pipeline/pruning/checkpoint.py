@@ -33,6 +33,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from graph_passes.manifest_check import CHECKPOINT_FIX, FORMAT_VERSION, check_masked_manifest
 from mlpruning import __version__
 from mlpruning.errors import UserError
 from mlpruning.jsonfile import read_json
@@ -45,12 +46,11 @@ from pipeline.pruning.blocks import (
     kept_weights,
     nonzero_outside,
 )
-from pipeline.pruning.masks import UNITS, WIRING, full_shapes, mask_sizes
+from pipeline.pruning.masks import UNITS, WIRING, full_shapes, mask_sizes, unit_sizes
 from pipeline.pruning.regularizer import counted_ratio, layer_weights
 
 MASKS_FILE = "masks.safetensors"
 MANIFEST_FILE = "pruning.json"
-FORMAT_VERSION = 2
 SCORES_FILE = "scores.safetensors"
 
 
@@ -168,13 +168,12 @@ def read_manifest(ckpt: Path) -> dict[str, Any]:
         raise UserError(
             f"{ckpt} is not a masked checkpoint (no {MANIFEST_FILE}): pass the output of mlpruning prune"
         )
-    manifest = read_json(path, "the checkpoint is corrupt, re-run mlpruning prune") or {}
-    if manifest.get("format_version", 0) > FORMAT_VERSION:
-        raise UserError(f"{path} has format {manifest['format_version']}: upgrade mlpruning to read it")
+    manifest = read_json(path, CHECKPOINT_FIX) or {}
     # format 1 (step 1 only) lacks the step-2 keys
     manifest.setdefault("step", "head_row")
     manifest.setdefault("block", None)
     manifest.setdefault("row_balanced", False)
+    check_masked_manifest(manifest, path)
     return manifest
 
 
@@ -207,8 +206,19 @@ def _unit_vectors(masks: dict[str, torch.Tensor], geo: Geometry, layer: int) -> 
     return vec
 
 
-def check_masks_match(model: Any, masks: dict[str, torch.Tensor]) -> None:
-    """Raise a UserError naming the first weight that is non-zero where a mask is off."""
+def _foreign_masks(where: Path, layer: int, name: str, size: int, rows: int) -> UserError:
+    return UserError(
+        f"{where}: layer {layer} {name}: mask size {size} != {rows} weight rows: {MASKS_FILE} does not "
+        "belong to this model.safetensors: re-run mlpruning prune"
+    )
+
+
+def check_masks_match(model: Any, masks: dict[str, torch.Tensor], ckpt: Path | None = None) -> None:
+    """Raise a UserError naming the first weight that is non-zero where a mask is off.
+
+    ``ckpt`` (the checkpoint folder) only makes the messages name the files.
+    """
+    where = ckpt / MASKS_FILE if ckpt is not None else Path(MASKS_FILE)
     geo = geometry(model)
     adapter = adapter_for(model.config)
     prefix = f"{model.base_model_prefix}." if model.base_model is not model else ""
@@ -221,9 +231,7 @@ def check_masks_match(model: Any, masks: dict[str, torch.Tensor]) -> None:
             off = torch.zeros_like(weight, dtype=torch.bool)
             if wiring.rows:
                 if vec[wiring.rows].numel() != weight.shape[0]:
-                    raise UserError(
-                        f"layer {i} {name}: mask size {vec[wiring.rows].numel()} != {weight.shape[0]} rows"
-                    )
+                    raise _foreign_masks(where, i, name, vec[wiring.rows].numel(), weight.shape[0])
                 off |= ~vec[wiring.rows][:, None]
             if wiring.cols:
                 off |= ~vec[wiring.cols][None, :]
@@ -253,13 +261,18 @@ def load_masked(
     masks = read_masks(ckpt)
     model = load_for_task(str(ckpt), get_task(manifest["task"]), attn_implementation=attn_implementation)
     geo = geometry(model)
+    if Geometry(**manifest["geometry"]) != geo:
+        raise UserError(
+            f"{ckpt / MANIFEST_FILE}: geometry {manifest['geometry']} is not the model's {geo.__dict__}: "
+            f"{CHECKPOINT_FIX}"
+        )
     if set(masks) != _expected_keys(geo, manifest["step"]):
         what = "block and unit masks" if manifest["step"] == "block" else "unit masks"
         raise UserError(
             f"{ckpt / MASKS_FILE} does not hold the {what} of the model's {geo.num_layers} layers: "
             "the checkpoint is corrupt; re-run mlpruning prune"
         )
-    check_masks_match(model, masks)
+    check_masks_match(model, masks, ckpt)
     return model, masks, manifest
 
 
@@ -279,6 +292,23 @@ def read_scores(ckpt: Path) -> dict[str, torch.Tensor] | None:
     if not path.is_file():
         return None
     try:
-        return {f"layer{k.split('.')[1]}_{k.split('.')[2]}": v for k, v in load_file(str(path)).items()}
-    except (SafetensorError, ValueError, OSError, IndexError) as exc:
+        tensors = load_file(str(path))
+    except (SafetensorError, ValueError, OSError) as exc:
         raise UserError(f"{path} is unreadable ({exc}): the masked checkpoint is corrupt") from None
+    return _checked_scores(path, tensors, Geometry(**read_manifest(ckpt)["geometry"]))
+
+
+def _checked_scores(path: Path, tensors: dict[str, torch.Tensor], geo: Geometry) -> dict[str, torch.Tensor]:
+    """Scores keyed like the masks; every unit's present, one score per row (revive indexes them)."""
+    sizes = {f"layer.{i}.{u}": n for i in range(geo.num_layers) for u, n in unit_sizes(geo).items()}
+    for key, value in tensors.items():
+        if key not in sizes:
+            raise UserError(f"{path}: tensor {key} is not a step-1 unit score: {CHECKPOINT_FIX}")
+        if tuple(value.shape) != (sizes[key],):
+            raise UserError(
+                f"{path}: tensor {key} has shape {list(value.shape)}, not [{sizes[key]}]: {CHECKPOINT_FIX}"
+            )
+    missing = [key for key in sizes if key not in tensors]
+    if missing:
+        raise UserError(f"{path}: tensor {missing[0]} is missing: {CHECKPOINT_FIX}")
+    return {f"layer{k.split('.')[1]}_{k.split('.')[2]}": v for k, v in tensors.items()}
