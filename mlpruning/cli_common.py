@@ -50,10 +50,14 @@ def echo_err(message: str) -> None:
 
 
 def set_threads(threads: int | None) -> None:
-    if threads:
-        import torch
+    if threads is None:
+        return
+    # configs check this when read; a bool or float here would reach torch as a raw TypeError
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise UserError(f"threads must be an integer >= 1, got {threads!r}: fix --threads or [run] threads")
+    import torch
 
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads)
 
 
 def stderr_console() -> Console:

@@ -93,17 +93,24 @@ def _table(data: dict[str, Any], name: str) -> dict[str, Any]:
     return dict(value)
 
 
-def _run_table(data: dict[str, Any], path: Path) -> tuple[str, int | None, str | None]:
-    run = _table(data, "run")
-    unknown = sorted(set(run) - {"task", "threads", "teacher"})
-    if unknown:
-        raise UserError(f"{path} [run]: unknown key(s) {', '.join(unknown)}; known: task, teacher, threads")
-    task, threads, teacher = run.get("task", "sst2"), run.get("threads"), run.get("teacher")
-    if threads is not None and (not isinstance(threads, int) or threads < 1):
-        raise UserError(f"{path} [run]: threads must be an integer >= 1, got {threads!r}")
-    if teacher is not None and not (Path(teacher) / "config.json").is_file():
-        raise UserError(f"{path} [run]: teacher {teacher} is not a checkpoint folder: fix the path")
-    return task, threads, teacher
+@dataclass(frozen=True)
+class RunSettings:
+    """The [run] table; its types are checked by ``from_mapping`` like every other table."""
+
+    task: str = "sst2"
+    threads: int | None = None
+    teacher: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be an integer >= 1, got {self.threads}")
+
+
+def _run_table(data: dict[str, Any], path: Path) -> RunSettings:
+    run = from_mapping(RunSettings, _table(data, "run"), f"{path} [run]")
+    if run.teacher is not None and not (Path(run.teacher) / "config.json").is_file():
+        raise UserError(f"{path} [run]: teacher {run.teacher} is not a checkpoint folder: fix the path")
+    return run
 
 
 def load_run_config(path: Path, run_dir: Path) -> RunConfig:
@@ -112,7 +119,8 @@ def load_run_config(path: Path, run_dir: Path) -> RunConfig:
     unknown = sorted(set(data) - set(TABLES))
     if unknown:
         raise UserError(f"{path}: unknown table(s) {', '.join(unknown)}; known: {', '.join(TABLES)}")
-    task, threads, teacher = _run_table(data, path)
+    run = _run_table(data, path)
+    task, threads, teacher = run.task, run.threads, run.teacher
     src = str(path)
     finetune = from_mapping(FinetuneConfig, {"task": task, **_table(data, "finetune")}, f"{src} [finetune]")
     if finetune.task != from_mapping(FinetuneConfig, {"task": task}, src).task:
@@ -143,8 +151,6 @@ def load_run_config(path: Path, run_dir: Path) -> RunConfig:
 
 
 def _bench(values: dict[str, Any], src: str) -> BenchConfig:
+    # from_mapping checks the lists' items and turns them into tuples (the field type)
     values = {"batches": (1,), "seqs": (128,), **values}
-    for key in ("batches", "seqs"):
-        if isinstance(values[key], list):
-            values[key] = tuple(values[key])
     return from_mapping(BenchConfig, values, f"{src} [bench]")

@@ -7,7 +7,10 @@ and its allowed range, which the CLI reports as a one-line error (exit 2).
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -66,17 +69,95 @@ class FinetuneConfig:
 
 
 def from_mapping(cls: type[T], values: dict[str, Any], source: str) -> T:
-    """Build a config from a mapping, naming unknown keys instead of a TypeError."""
+    """Build a config from a mapping, naming unknown keys and wrong value types.
+
+    Types are checked against the field annotations before ``cls`` is built, because the
+    ``__post_init__`` range checks let some wrong types through (``batch_size = 16.5``) and trip
+    on others with a bare TypeError; TOML lists become tuples for ``tuple[...]`` fields.
+    """
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(values) - names)
     if unknown:
         raise UserError(f"{source}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    hints = typing.get_type_hints(cls)
+    typed = {}
+    for key, value in values.items():
+        try:
+            typed[key] = _as_type(hints[key], value)
+        except _WrongType:
+            raise UserError(f"{source} {key}: expected {_describe(hints[key])}, got {value!r}") from None
     try:
-        return cls(**values)
+        return cls(**typed)
     except ValueError as exc:
         raise UserError(f"{source}: {exc}") from None
     except TypeError as exc:
         raise UserError(f"{source}: {exc}") from None
+
+
+class _WrongType(Exception):
+    """A value does not fit a field's annotation (turned into a UserError by from_mapping)."""
+
+
+_SCALARS: dict[Any, tuple[str, str]] = {  # annotation -> (one, several), for messages
+    int: ("an integer", "integers"),
+    float: ("a number", "numbers"),
+    bool: ("true or false", "booleans"),
+    str: ("a string", "strings"),
+    Path: ("a path string", "path strings"),
+}
+
+
+def _as_type(hint: Any, value: Any) -> Any:
+    """``value`` if it fits ``hint`` (lists as tuples for tuple fields, strings as Paths)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _as_type(arg, value)
+            except _WrongType:
+                continue
+        raise _WrongType
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise _WrongType
+        item = args[0] if args else Any
+        return origin(_as_type(item, v) for v in value)
+    return _as_scalar(hint, value)
+
+
+def _as_scalar(hint: Any, value: Any) -> Any:
+    # bool is a subclass of int: `batch_size = true` must not pass as 1
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        # an int is a fine float (`epochs = 2`); kept as given so stage input hashes do not change
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+    elif hint is str:
+        ok = isinstance(value, str)
+    elif hint is Path:
+        if not isinstance(value, (str, Path)):
+            raise _WrongType
+        return Path(value)
+    else:
+        ok = True  # Any and annotations this checker does not know: left to __post_init__
+    if not ok:
+        raise _WrongType
+    return value
+
+
+def _describe(hint: Any, plural: bool = False) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        # None cannot be written in TOML: leaving the key out is how it is unset
+        return " or ".join(_describe(a, plural) for a in args if a is not type(None))
+    if origin in (tuple, list):
+        return f"a list of {_describe(args[0], plural=True) if args else 'values'}"
+    one, several = _SCALARS.get(hint, (str(hint), str(hint)))
+    return several if plural else one
 
 
 def build_config(
@@ -101,17 +182,25 @@ def build_config(
     if missing:
         names = ", ".join((flags or {}).get(m, "--" + m.replace("_", "-")) for m in missing)
         raise UserError(f"missing {names}: pass them or set them in the [{section}] table of --config")
-    return from_mapping(cls, values, str(path) if path else "options")
+    return from_mapping(cls, values, f"{path} [{section}]" if path else "options")
 
 
 def load_toml(path: Path, section: str) -> dict[str, Any]:
+    """The ``section`` table of a TOML file, or the whole file when it has no such table."""
     if not path.is_file():
         raise UserError(f"config file {path} not found: check the path")
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text: save the config as UTF-8 TOML") from None
+    except OSError as exc:
+        raise UserError(f"cannot read config file {path} ({exc.strerror}): check its permissions") from None
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"{path} is not valid TOML ({exc})") from None
-    return dict(data.get(section, data))
+    table = data.get(section, data)
+    if not isinstance(table, dict):
+        raise UserError(f"{path}: {section} must be a [{section}] table of key = value lines, not {table!r}")
+    return dict(table)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -217,7 +306,7 @@ class BlockPruneConfig(PruneTraining):
     source: str  # the step-1 masked checkpoint: student start and teacher
     target: float
     target_of: str = "step1"
-    block: str = "32"
+    block: str | int = "32"  # TOML `block = 32` is an int; stored as "RxC" by __post_init__
     row_balanced: bool = False
     task: str | None = None  # default: the step-1 checkpoint's
     revive_from: str | None = None  # weights of revived rows; default: step 1's student_init

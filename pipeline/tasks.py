@@ -138,6 +138,9 @@ class Examples:
 
 
 def get_task(name: str) -> TaskSpec:
+    # names also come from JSON and TOML files, where `"task": 5` would fail at .lower()
+    if not isinstance(name, str):
+        raise UserError(f"task must be a task name, one of {', '.join(TASKS)}; got {name!r}")
     key = _ALIASES.get(name.lower(), name.lower())
     if key not in TASKS:
         raise UserError(f"unknown task '{name}': choose one of {', '.join(TASKS)}")
@@ -218,8 +221,17 @@ def _parse_label(task: TaskSpec, raw: str, where: str) -> float:
     return float(task.labels.index(raw))
 
 
+def _read_text(path: Path, encoding: str, kind: str) -> str:
+    try:
+        return path.read_text(encoding=encoding)
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"{path} is not UTF-8 text (byte {exc.start}): pass UTF-8 {kind} in the GLUE format"
+        ) from None
+
+
 def _read_tsv(task: TaskSpec, path: Path) -> Examples:
-    lines = path.read_text(encoding="utf-8-sig").splitlines()
+    lines = _read_text(path, "utf-8-sig", "tab-separated text").splitlines()
     if not lines:
         raise UserError(f"{path} is empty: pass a GLUE-format TSV with a header line")
     header = lines[0].split("\t")
@@ -249,7 +261,7 @@ def _read_tsv(task: TaskSpec, path: Path) -> Examples:
 def _read_jsonl(task: TaskSpec, path: Path) -> Examples:
     *text_keys, label_key = task.jsonl_columns
     texts, labels = [], []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for lineno, line in enumerate(_read_text(path, "utf-8", "JSON lines").splitlines(), start=1):
         if not line.strip():
             continue
         try:

@@ -117,3 +117,24 @@ def test_mnli_glue_tsv_from_data_dir(tmp_path):
     ex = load_split(get_task("mnli"), "train", tmp_path)
     assert ex.labels == (0.0, 2.0)
     assert ex.texts[1] == ("It rains.", "It is dry.")
+
+
+@pytest.mark.parametrize("name", [5, None, 2.0, ["sst2"]])
+def test_task_names_must_be_strings(name):
+    with pytest.raises(UserError, match="task must be a task name, one of sst2"):
+        get_task(name)
+
+
+@pytest.mark.parametrize(
+    ("task", "rel", "data"),
+    [
+        ("sst2", "SST-2/dev.tsv", b"sentence\tlabel\n\xff\xfe film\t1\n"),
+        ("mnli", "MNLI/dev_matched.jsonl", b'{"premise": "\xff", "hypothesis": "b", "label": "neutral"}\n'),
+    ],
+)
+def test_files_that_are_not_utf8_are_named(tmp_path, task, rel, data):
+    path = tmp_path / rel
+    path.parent.mkdir(parents=True)
+    path.write_bytes(data)
+    with pytest.raises(UserError, match=f"{path.name} is not UTF-8 text .*pass UTF-8"):
+        load_split(get_task(task), "dev", tmp_path)
