@@ -221,6 +221,7 @@ class PruneTraining:
     settled_gap: float = 3e-4
     threshold_init: float = 10.0
     threshold_grad: str = "sigmoid"  # regularizer's push on t: sigmoid'(t) or a constant 1/4
+    ratio_floor: bool = True  # lift thresholds back when the task gradient alone drifts r below r*
     score_init: float = 0.0
     alpha_distil: float = 0.9
     alpha_ce: float = 0.1

@@ -11,7 +11,7 @@ from transformers import (
 
 from pipeline.adapters import geometry, layer_linears
 from pipeline.pruning.masks import UNITS, MaskScores, attach, detach_masks
-from pipeline.pruning.regularizer import adaptive_regularizer, counted_ratio, remaining_ratio
+from pipeline.pruning.regularizer import adaptive_regularizer, counted_ratio, floor_ratio, remaining_ratio
 from tests.conftest import random_bert
 
 SHAPES = [  # (layers, heads, hidden, ffn)
@@ -132,3 +132,22 @@ def test_masks_work_on_distilbert():
     attach(layer_linears(model), scores)
     assert all(int(masks[f"layer0_{u}"].sum()) == n // 2 for u, n in zip(UNITS, (4, 32, 64, 32), strict=True))
     assert torch.isfinite(model(input_ids=torch.randint(0, 100, (2, 7))).logits).all()
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_floor_lifts_r_back_to_the_target_keeping_the_threshold_order(shape):
+    scores = MaskScores(geometry(random_bert(*shape)), threshold_init=10.0)
+    _random_thresholds(scores, torch.Generator().manual_seed(7))
+    thresholds = list(scores.thresholds.parameters())
+    before = torch.stack([t.detach().clone() for t in thresholds])
+    r0 = float(remaining_ratio(scores))
+    assert floor_ratio(thresholds, lambda: remaining_ratio(scores), min(r0 - 0.1, 0.05)) == 0.0  # above
+    target = min(r0 + 0.2, 0.95)
+    shift = floor_ratio(thresholds, lambda: remaining_ratio(scores), target)
+    after = torch.stack([t.detach() for t in thresholds])
+    assert shift > 0 and torch.allclose(after - before, torch.full_like(before, shift))
+    r1 = float(remaining_ratio(scores))
+    assert target <= r1 < target + 0.05
+    for t in thresholds:  # the smallest such shift: a little less falls short
+        t.data -= 1e-6
+    assert float(remaining_ratio(scores)) < target or float(remaining_ratio(scores)) == r1

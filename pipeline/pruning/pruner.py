@@ -43,7 +43,13 @@ from pipeline.pruning.checkpoint import (
 )
 from pipeline.pruning.distill import DistillWeights, distill_loss
 from pipeline.pruning.masks import MaskScores, attach, detach_masks
-from pipeline.pruning.regularizer import RegTerm, adaptive_regularizer, counted_ratio, remaining_ratio
+from pipeline.pruning.regularizer import (
+    RegTerm,
+    adaptive_regularizer,
+    counted_ratio,
+    floor_ratio,
+    remaining_ratio,
+)
 from pipeline.pruning.summary import write_summary
 from pipeline.tasks import get_task
 from pipeline.trainloop import EVAL_FILE, TrainLoop, resolve_device, wrap_ddp
@@ -140,6 +146,8 @@ class DistilledPruning(TrainLoop):
         reg = self.regularizer()
         (dl.total + reg.penalty).backward()
         self.step_optimizer()
+        if self.cfg.ratio_floor:
+            floor_ratio(list(self.scores.thresholds.parameters()), self.ratio, self.target_ratio)
         self.last_reg = reg
         parts = " ".join(f"{k} {v:.3f}" for k, v in dl.parts.items())
         extra = f"[{parts}]  r {reg.ratio:.3f}/{self.target_ratio:.3g}  λ {reg.lam:,.0f}"
