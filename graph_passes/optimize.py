@@ -18,6 +18,7 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.external_data
 import onnx_ir.passes.common
+from google.protobuf.message import DecodeError
 
 from graph_passes.block_pass import BlockSparsePass
 from graph_passes.detect import DETECTED_KIND, detect_manifest
@@ -60,7 +61,13 @@ def read_folder(folder: Path, num_heads: int | None = None) -> tuple[ir.Model, d
         raise UserError(
             f"{folder} is already optimized ({REPORT_FILE}): pass the folder mlpruning export wrote"
         )
-    model = ir.load(folder / ONNX_FILE)
+    try:
+        model = ir.load(folder / ONNX_FILE)
+    except (DecodeError, OSError) as exc:
+        kind = exc.__class__.__name__
+        raise UserError(f"{folder / ONNX_FILE} is not a readable ONNX model ({kind}): {EXPORT_FIX}") from None
+    if not model.graph.inputs or not model.graph.outputs:  # an empty file parses as an empty model
+        raise UserError(f"{folder / ONNX_FILE} has no graph inputs or outputs: {EXPORT_FIX}")
     # weights exported as external data (dynamo's default) come into memory: passes slice them
     model = ir.external_data.load_to_model(model)
     if not (folder / MANIFEST_FILE).is_file():

@@ -91,6 +91,13 @@ def test_missing_pieces_are_reported(stripped, tmp_path):
     with pytest.raises(UserError, match=r"pruning.json is not valid JSON .*: re-run mlpruning export"):
         optimize(corrupt, tmp_path / "out2")
     assert not (tmp_path / "out2").exists()
+    model = corrupt / "model.onnx"
+    model.write_bytes(model.read_bytes()[:200])  # an interrupted copy
+    with pytest.raises(UserError, match=r"model.onnx is not a readable ONNX model"):
+        optimize(corrupt, tmp_path / "out2")
+    model.write_bytes(b"")
+    with pytest.raises(UserError, match=r"model.onnx has no graph inputs or outputs"):
+        optimize(corrupt, tmp_path / "out2")
 
 
 def test_graph_passes_need_no_torch():
