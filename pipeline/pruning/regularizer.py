@@ -43,8 +43,9 @@ Floor (``ratio_floor``, ours): below r* the one-sided R is 0 and only the task g
 thresholds. Adam divides each step by the running RMS of the gradient, which decays after the
 large-lambda phase, so that gradient's small bias turns into a steady drift: a 3-epoch MiniLM
 run at r* = 0.5 fell to r = 0.471. After each optimizer step that leaves r < r*, every threshold
-is raised by the same smallest shift delta with r(t + delta) >= r* (bisection; r is monotone in
-delta), which keeps the matrices' learned proportions and lands r within one unit of r*.
+is raised by the same shift delta, the smallest with r(t + delta) >= r* (bisection; r is monotone
+in delta) or the one just below it when that lands nearer: r ends within half a unit (one head
+or row's weights) of r*, and the matrices keep their learned proportions.
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ def adaptive_regularizer(r: torch.Tensor, target: float, lambda_final: float, la
 def floor_ratio(
     thresholds: Sequence[torch.Tensor], ratio: Callable[[], torch.Tensor], target: float
 ) -> float:
-    """Raise all thresholds by the smallest common shift that brings r back to ``target``; the shift."""
+    """Raise all thresholds by a common shift that brings r to within half a unit of ``target``."""
     if target >= 1 or float(ratio()) >= target:
         return 0.0
     start = [t.detach().clone() for t in thresholds]
@@ -138,8 +139,10 @@ def floor_ratio(
     lo, hi = 0.0, 0.25
     while r_at(hi) < target:  # sigmoid saturates: r -> 1 >= target, so this ends
         lo, hi = hi, hi * 2
-    for _ in range(30):  # 2**-30 of the bracket: far below one kept unit
+    for _ in range(20):  # a millionth of the bracket: far below one kept unit
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if r_at(mid) < target else (lo, mid)
-    r_at(hi)
-    return hi
+    # r moves in whole units (a head is 6% of a tiny model): take the side nearer to r*
+    shift = hi if r_at(hi) - target <= target - r_at(lo) else lo
+    r_at(shift)
+    return shift
