@@ -266,13 +266,18 @@ def _task_of(folder: Path) -> Any:
 VOCAB_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
 
 
+def require_vocab(folder: Path) -> None:
+    """A UserError unless ``folder`` holds a vocabulary file: without one transformers would still
+    build a tokenizer, with an empty vocabulary, and every word would be served as [UNK]."""
+    if not any((folder / name).is_file() for name in VOCAB_FILES):
+        raise UserError(f"{folder} has no tokenizer files ({', '.join(VOCAB_FILES)}): re-run export")
+
+
 def _load_tokenizer(folder: Path, config: dict[str, Any]) -> tuple[Any, int]:
     from tokenizers import Tokenizer
 
     path = folder / "tokenizer.json"
-    if not any((folder / name).is_file() for name in VOCAB_FILES):
-        # transformers would still build a tokenizer, with an empty vocabulary: all [UNK]
-        raise UserError(f"{folder} has no tokenizer files ({', '.join(VOCAB_FILES)}): re-run export")
+    require_vocab(folder)
     if path.is_file():
         try:
             tokenizer = Tokenizer.from_file(str(path))

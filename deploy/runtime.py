@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from graph_passes.ort_fusion import DISABLED_AT_LOAD
-from mlpruning.errors import UserError
+from mlpruning.errors import UserError, first_line
 
 ONNX_FILE = "model.onnx"
 PROVIDERS = {
@@ -76,9 +76,8 @@ def open_session(folder: Path, threads: int | None = None, provider: str = "cpu"
             str(path), options, providers=wanted, disabled_optimizers=DISABLED_AT_LOAD
         )
     except load_errors() as exc:
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
         raise UserError(
-            f"onnxruntime cannot load {path} ({detail}): re-run the export or optimize that wrote it"
+            f"onnxruntime cannot load {path} ({first_line(exc)}): re-run the export or optimize that wrote it"
         ) from None
     return checked_provider(session, wanted)
 

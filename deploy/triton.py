@@ -306,13 +306,6 @@ def _copy_model(folder: Path, dest: Path, opts: TritonOptions) -> int:
     return functions
 
 
-def _check_client_files(source: Path) -> None:
-    from deploy.batcher import VOCAB_FILES
-
-    if not any((source / name).is_file() for name in VOCAB_FILES):  # clients could not tokenize
-        raise UserError(f"{source} has no tokenizer files ({', '.join(VOCAB_FILES)}): re-run export")
-
-
 def _copy_client_files(source: Path, dest: Path) -> None:
     dest.mkdir()
     for file in CLIENT_FILES:
@@ -376,7 +369,9 @@ def export_triton(
     if final.exists() and not overwrite:
         raise UserError(f"{final} exists: pass --overwrite to replace it")
     onnx_source = _onnx_source(folder)
-    _check_client_files(onnx_source.parent)
+    from deploy.batcher import require_vocab
+
+    require_vocab(onnx_source.parent)  # clients tokenize with the files copied from there
     try:
         config = model_config(final.name, *read_signature(onnx_source), opts)
         text = to_pbtxt(config) + "\n"

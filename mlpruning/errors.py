@@ -8,3 +8,9 @@ with code 2; no traceback. The message must name the fix.
 
 class UserError(Exception):
     """An error caused by the user's input; its message says how to fix it."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of a library's error message (its class name when empty), for a one-line error."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else exc.__class__.__name__

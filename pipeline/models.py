@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from safetensors import SafetensorError
 
-from mlpruning.errors import UserError
+from mlpruning.errors import UserError, first_line
 from pipeline.adapters import adapter_for
 from pipeline.tasks import TaskSpec
 
@@ -121,9 +121,8 @@ def load_for_task(name: str, task: TaskSpec, attn_implementation: str | None = N
                 resolve_model(name), config=config, **extra
             )
         except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
-            detail = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
             raise UserError(
-                f"could not load weights of {name} ({detail}): the checkpoint is "
+                f"could not load weights of {name} ({first_line(exc)}): the checkpoint is "
                 "corrupt or does not match its config.json"
             ) from None
 

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from graph_passes.manifest_check import CHECKPOINT_FIX
 from graph_passes.optimize import optimize
 from mlpruning.errors import UserError
+from pipeline.adapters import Geometry
 from pipeline.pruning.checkpoint import load_masked, read_manifest, read_scores
 from tests.test_cli import assert_one_line_error, run_cli
 
@@ -167,10 +168,11 @@ def test_wrongly_shaped_scores_are_named(tiny, tmp_path, key, shape, fragment):
     else:
         scores[key] = torch.zeros(shape)
     save_file(scores, str(path))
+    geo = Geometry(**read_manifest(ckpt)["geometry"])
     with pytest.raises(UserError) as err:
-        read_scores(ckpt)
+        read_scores(ckpt, geo)
     assert str(err.value) == f"{path}: {fragment}: {CHECKPOINT_FIX}"
-    assert set(read_scores(tiny / "masked")) == set(load_masked(tiny / "masked")[1])  # intact: same keys
+    assert set(read_scores(tiny / "masked", geo)) == set(load_masked(tiny / "masked")[1])  # intact: same keys
 
 
 def test_masks_of_another_model_name_the_file_and_the_fix(tiny, tmp_path):

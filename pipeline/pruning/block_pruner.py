@@ -131,7 +131,7 @@ class BlockPruner(DistilledPruning):
             raise UserError(
                 f"{origin} has another shape than {self.source}: pass the model step 1 started from"
             )
-        scores1 = read_scores(self.source)
+        scores1 = read_scores(self.source, self.geo)
         ranking = scores1 or magnitude_ranking(layer_linears(source), units1, self.geo)
         units, revived = revive(units1, self.geo, self.block, ranking)
         copy_revived(layer_linears(self.student), layer_linears(source), revived)

@@ -286,7 +286,7 @@ def save_scores(path: Path, scores: dict[str, torch.Tensor], geo: Geometry) -> N
     save_file(tensors, str(path), metadata={"format_version": str(FORMAT_VERSION)})
 
 
-def read_scores(ckpt: Path) -> dict[str, torch.Tensor] | None:
+def read_scores(ckpt: Path, geo: Geometry) -> dict[str, torch.Tensor] | None:
     """Step-1 scores, or None for a checkpoint written before they were saved."""
     path = ckpt / SCORES_FILE
     if not path.is_file():
@@ -295,7 +295,7 @@ def read_scores(ckpt: Path) -> dict[str, torch.Tensor] | None:
         tensors = load_file(str(path))
     except (SafetensorError, ValueError, OSError) as exc:
         raise UserError(f"{path} is unreadable ({exc}): the masked checkpoint is corrupt") from None
-    return _checked_scores(path, tensors, Geometry(**read_manifest(ckpt)["geometry"]))
+    return _checked_scores(path, tensors, geo)
 
 
 def _checked_scores(path: Path, tensors: dict[str, torch.Tensor], geo: Geometry) -> dict[str, torch.Tensor]:
