@@ -42,9 +42,9 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 
 from deploy.engine_report import ENGINE_REPORT, profile_ranges
-from deploy.runtime import position_limit
 from deploy.trt_engine import ENGINE_PROVIDER, open_model, runtime_name
 from mlpruning.errors import UserError
+from mlpruning.hf_config import position_limit
 
 log = logging.getLogger(__name__)
 

@@ -28,10 +28,11 @@ from typing import Any
 
 import numpy as np
 
-from deploy.runtime import PROVIDERS, position_limit
+from deploy.runtime import PROVIDERS
 from deploy.trt_engine import ENGINE_PROVIDER, open_model, runtime_name
 from mlpruning import __version__
 from mlpruning.errors import UserError
+from mlpruning.hf_config import position_limit
 from mlpruning.jsonfile import read_json
 
 

@@ -48,17 +48,6 @@ def model_path(folder: Path) -> Path:
     return path
 
 
-ROBERTA_LIKE = ("roberta", "xlm-roberta", "camembert")  # positions start after padding_idx
-
-
-def position_limit(config: dict[str, Any]) -> int:
-    """Longest sequence a model's position table takes, from its HF ``config.json`` (512 unknown)."""
-    positions = int(config.get("max_position_embeddings") or 512)
-    if config.get("model_type") in ROBERTA_LIKE:
-        positions -= int(config.get("pad_token_id", 1)) + 1
-    return positions
-
-
 def open_session(folder: Path, threads: int | None = None, provider: str = "cpu") -> Any:
     """An InferenceSession on ``folder/model.onnx``; ``threads`` None leaves ORT's default."""
     import onnxruntime as ort

@@ -25,6 +25,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common  # RemoveUnusedNodesPass
 
 from graph_passes.block_cost import decide_by_measuring
+from graph_passes.block_detect import CANDIDATES, Block, detect
 from graph_passes.block_sparse import replace_linear
 from graph_passes.linears import LinearSite, StripReport, find_linears, linear_params
 from mlpruning.errors import UserError
@@ -50,36 +51,54 @@ def _outside(wt: np.ndarray, mask: np.ndarray, block: tuple[int, int]) -> bool:
 
 
 class BlockSparsePass(ir.passes.InPlacePass):
-    """Replace block-pruned MatMuls by BlockSparseLinear nodes, per matrix, by measured cost."""
+    """Replace block-pruned MatMuls by BlockSparseLinear nodes, per matrix, by measured cost.
 
-    def __init__(self, manifest: dict[str, Any], mode: str = "auto", tokens: int = 128) -> None:
+    Block masks come from the manifest (step-2 checkpoints) or, for every other prunable
+    linear, from the weights' zeros (``search``: ``auto`` tries the candidate shapes of
+    :mod:`graph_passes.block_detect`, a (bi, bo) pair tries that shape alone, ``none`` skips the
+    search). Either way the same checks and the same measured choice apply, and
+    ``report.matrices`` says per matrix what was found and what was done with it.
+    """
+
+    def __init__(
+        self, manifest: dict[str, Any], mode: str = "auto", tokens: int = 128, search: str | Block = "auto"
+    ) -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"block-sparse mode {mode!r}: use one of {', '.join(MODES)}")
-        self.manifest, self.mode, self.tokens = manifest, mode, tokens
+        self.manifest, self.mode, self.tokens, self.search = manifest, mode, tokens, search
         self.report = StripReport("block_sparse")
+
+    def _manifest_entries(self) -> dict[tuple[int, str], dict[str, Any]]:
+        if not self.manifest.get("block"):
+            return {}
+        layers = enumerate(self.manifest["layers"])
+        return {(i, name): e for i, info in layers for name, e in (info.get("blocks") or {}).items()}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         sites = find_linears(model, self.manifest)
         self.report.params_before = linear_params(model, self.manifest)
-        if not self.manifest.get("block"):
+        entries = self._manifest_entries()
+        if not entries and self.search == "none":
             self.report.skipped.append("manifest has no block masks (step-1 checkpoint)")
-        else:
-            for layer, info in enumerate(self.manifest["layers"]):
-                for name, entry in (info.get("blocks") or {}).items():
-                    site = sites.get((layer, name))
-                    if site is None:
-                        self.report.skipped.append(
-                            f"layer {layer} {name}: no MatMul left (stripped or bias-only)"
-                        )
-                        continue
-                    self._site(model, site, entry)
+        for (layer, name), entry in entries.items():
+            site = sites.get((layer, name))
+            if site is None:
+                self.report.skipped.append(f"layer {layer} {name}: no MatMul left (stripped or bias-only)")
+                continue
+            self._from_manifest(model, site, entry)
+        if self.search != "none":
+            searched = [s for key, s in sorted(sites.items()) if key not in entries]
+            for site in searched:
+                self._from_weights(model, site)
+            if not any(m["source"] == "weights" for m in self.report.matrices):
+                self.report.skipped.append(f"no zero weights in the {len(searched)} matrices searched")
         if self.report.rewrites:
             ir.passes.common.RemoveUnusedNodesPass()(model)
         self.report.params_after = linear_params(model, self.manifest)
         return ir.passes.PassResult(model, modified=self.report.rewrites > 0)
 
-    def _site(self, model: ir.Model, site: LinearSite, entry: dict[str, Any]) -> None:
+    def _from_manifest(self, model: ir.Model, site: LinearSite, entry: dict[str, Any]) -> None:
         where = f"layer {site.layer} {site.name}"
         mask, block = graph_mask(entry)
         wt = site.weight.const_value.numpy()
@@ -91,15 +110,44 @@ class BlockSparsePass(ir.passes.InPlacePass):
                 f"pruning.json does not match model.onnx: {where} has nonzero weights in pruned "
                 "blocks; re-export the checkpoint"
             )
+        found = {"source": "manifest", "block": list(block), "block_density": float(mask.mean())}
+        self._decide(model, site, mask, block, found)
+
+    def _from_weights(self, model: ir.Model, site: LinearSite) -> None:
+        wt = site.weight.const_value.numpy()
+        candidates = CANDIDATES if self.search == "auto" else (self.search,)
+        sparsity = detect(wt, candidates)  # type: ignore[arg-type]
+        if sparsity.zeros == 0:
+            return
+        found = {"source": "weights", **sparsity.to_json()}
+        if sparsity.block is None:
+            fits = [b for b in candidates if wt.shape[0] % b[0] == 0 and wt.shape[1] % b[1] == 0]
+            why = "no all-zero block" if fits else "no candidate block divides the weight"
+            self._record(site, found, "dense", f"{sparsity.zeros:.0%} zeros, {why}")
+            return
+        self._decide(model, site, sparsity.kept, sparsity.block, found)
+
+    def _record(self, site: LinearSite, found: dict[str, Any], action: str, why: str) -> None:
+        """One matrix's entry in ``report.matrices``, and its reason in notes (rewritten) or skipped."""
+        self.report.matrices.append({"layer": site.layer, "matrix": site.name, **found, "action": action})
+        reason = f"layer {site.layer} {site.name}: {why}"
+        (self.report.notes if action == "block_sparse" else self.report.skipped).append(reason)
+
+    def _decide(
+        self, model: ir.Model, site: LinearSite, mask: np.ndarray, block: Block, found: dict[str, Any]
+    ) -> None:
         if self.mode == "dense" or mask.all():
             why = "all blocks kept" if mask.all() else "mode dense"
-            self.report.skipped.append(f"{where}: {mask.mean():.0%} blocks kept, left dense ({why})")
+            self._record(site, found, "dense", f"{mask.mean():.0%} blocks kept, left dense ({why})")
             return
         if self.mode == "auto":
-            decision = decide_by_measuring(wt, mask, block, self.tokens)
+            decision = decide_by_measuring(site.weight.const_value.numpy(), mask, block, self.tokens)
+            found = {**found, "measured_speedup": decision.bound}
             if not decision.block_sparse:
-                self.report.skipped.append(f"{where}: {decision.reason}")
+                self._record(site, found, "dense", decision.reason)
                 return
-            self.report.notes.append(f"{where}: {decision.reason}")
+            self._record(site, found, "block_sparse", decision.reason)
+        else:
+            self._record(site, found, "block_sparse", f"{mask.mean():.0%} blocks kept, mode sparse")
         replace_linear(model, site, mask, block)
         self.report.rewrites += 1

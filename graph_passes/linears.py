@@ -53,6 +53,7 @@ class StripReport:
     params_after: int = 0
     skipped: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    matrices: list[dict[str, Any]] = field(default_factory=list)  # per matrix: found, done
 
     def to_json(self) -> dict[str, Any]:
         return self.__dict__.copy()

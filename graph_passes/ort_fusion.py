@@ -29,11 +29,16 @@ import onnx
 DISABLED_AT_LOAD = ["SkipLayerNormFusion"]
 
 
-def session(model: onnx.ModelProto | Path | bytes, threads: int = 1) -> Any:
-    """A CPU session with ``threads`` intra-op threads and SkipLayerNorm fusion disabled at load."""
+def session(model: onnx.ModelProto | Path | bytes, threads: int = 1, quiet: bool = False) -> Any:
+    """A CPU session with ``threads`` intra-op threads and SkipLayerNorm fusion disabled at load.
+
+    ``quiet``: ORT logs nothing below fatal (a caller that turns failures into its own message).
+    """
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    if quiet:
+        opts.log_severity_level = 4
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     if isinstance(model, onnx.ModelProto):

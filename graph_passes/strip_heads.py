@@ -16,6 +16,14 @@ count, and share it between Q, K and V (dynamo also between layers), so the pass
 Reshape a fresh Concat with a per-layer constant. Runtimes and fusions that read the head count
 from the graph (ORT's attention fusion with num_heads=0) then see the true per-layer value.
 
+The heads are merged back before O by a Reshape [batch, seq, heads, d] -> [batch, seq, all]. How
+the exporter wrote its last entry depends on the modelling code: transformers 5 writes -1 (any
+head count works), while transformers 4.x, optimum and DistilBERT write the all-head size as a
+constant (``self.all_head_size``, ``n_heads * dim_per_head``), which must become the kept width
+or the O MatMul cannot run. The pass gives each layer's merge Reshape its own shape with the
+kept width (the constant may be shared across layers); a computed entry is left as it is (it
+follows the tensor it reshapes), and any other constant is refused for that layer.
+
 A layer with no kept head computes O(0) = O's bias for every token, so its whole attention
 block collapses to "+ O bias": the O output is replaced by the bias constant (broadcast over
 batch and sequence by the residual Add) and the unused attention nodes are removed.
@@ -76,6 +84,60 @@ def _head_shape_reason(reshape: ir.Node | None) -> str | None:
     return None
 
 
+def merge_reshape(out: LinearSite) -> ir.Node | None:
+    """The Reshape that merges the heads right before O's MatMul (through Identity), if any."""
+    data = out.matmul.inputs[1 - out.weight_index]
+    producer = data.producer() if data is not None else None
+    while producer is not None and producer.op_type == "Identity":
+        producer = producer.inputs[0].producer()
+    return producer if producer is not None and producer.op_type == "Reshape" else None
+
+
+def _last_entry(reshape: ir.Node) -> tuple[str, int | None]:
+    """How the merge shape's last entry is given: ("constant", value) or ("computed", None)."""
+    shape = reshape.inputs[1]
+    const = const_array(shape) if shape is not None else None
+    if const is not None:
+        return "constant", int(const.reshape(-1)[-1])
+    producer = shape.producer() if shape is not None else None
+    if producer is not None and producer.op_type == "Concat" and producer.inputs:
+        last = const_array(producer.inputs[-1])
+        if last is not None and last.size == 1:
+            return "constant", int(last.reshape(-1)[0])
+    return "computed", None
+
+
+def _merge_reason(reshape: ir.Node | None, all_head: int) -> str | None:
+    """Why the merge Reshape's width cannot be set to the kept heads; None when it can or need not."""
+    if reshape is None:
+        return None  # no Reshape before O: nothing states the width
+    kind, last = _last_entry(reshape)
+    if kind == "computed" or last in (-1, all_head):
+        return None
+    return f"heads-merge Reshape before O ends in the constant {last}, not -1 or the all-head size {all_head}"
+
+
+def _set_merge_width(reshape: ir.Node, all_head: int, width: int, tag: str) -> bool:
+    """Give the merge Reshape a shape of its own ending in ``width``; False when there is none to set."""
+    kind, last = _last_entry(reshape)
+    if kind == "computed" or last != all_head:
+        return False
+    graph, shape = reshape.graph, reshape.inputs[1]
+    const = const_array(shape)
+    if const is not None:
+        new = const.astype(np.int64).copy()
+        new[-1] = width
+        reshape.replace_input_with(1, add_initializer(graph, f"{tag}_shape", new))
+        return True
+    producer = shape.producer()
+    entry = add_initializer(graph, f"{tag}_width", np.array([width], np.int64))
+    inputs = [*producer.inputs[:-1], entry]
+    concat = ir.Node("", "Concat", inputs, attributes=[ir.AttrInt64("axis", 0)], name=f"{tag}_shape")
+    graph.insert_before(reshape, concat)
+    reshape.replace_input_with(1, concat.outputs[0])
+    return True
+
+
 def _set_head_count(reshape: ir.Node, heads: int, tag: str) -> None:
     """Give ``reshape`` a shape of its own with ``heads`` on axis 2 (checked by the function above)."""
     graph = reshape.graph
@@ -130,15 +192,21 @@ class StripHeadsPass(ir.passes.InPlacePass):
             return True
         reshapes = {s.name: reshape_after(s) for s in (q, k, v)}
         reasons = {n: _head_shape_reason(r) for n, r in reshapes.items()}
+        merge = merge_reshape(o)
+        reasons["attn_out"] = _merge_reason(merge, heads * d)
         if any(reasons.values()):
             # slicing without a matching head count could mis-shape the attention: leave the layer
             why = "; ".join(f"{n}: {r}" for n, r in reasons.items() if r)
-            self.report.skipped.append(f"layer {layer}: Q/K/V Reshape head count not rewritable ({why})")
+            self.report.skipped.append(f"layer {layer}: attention Reshapes not rewritable ({why})")
             return False
         for name, reshape in reshapes.items():
             _set_head_count(reshape, len(kept), f"layer{layer}_{name}_{len(kept)}heads")
         if len(kept) == heads:
             return True
+        if merge is not None and _set_merge_width(merge, heads * d, len(kept) * d, f"layer{layer}_merge"):
+            self.report.notes.append(
+                f"layer {layer}: heads-merge Reshape width {heads * d} -> {len(kept) * d}"
+            )
         cols = _columns(kept, d)
         for site in (q, k, v):
             site.set_weight(site.weight.const_value.numpy()[:, cols].copy())

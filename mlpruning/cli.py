@@ -33,7 +33,7 @@ from mlpruning.cli_common import (
     spread_list_flags,
     stderr_console,
 )
-from mlpruning.errors import UserError
+from mlpruning.errors import CheckFailed, UserError
 
 
 @app.command()
@@ -384,6 +384,9 @@ def main() -> None:
     except UserError as exc:
         echo_err(str(exc))
         sys.exit(2)
+    except CheckFailed as exc:
+        echo_err(str(exc))
+        sys.exit(1)
     except typer.Abort:  # Ctrl-C outside a training loop (those save state and exit 130 themselves)
         echo_err("interrupted")
         sys.exit(130)

@@ -75,7 +75,7 @@ def export_triton(
 
 def _max_seq(folder: Path) -> int:
     """512, or less when the model's position table is shorter."""
-    from deploy.runtime import position_limit  # torch-free
+    from mlpruning.hf_config import position_limit
 
     return min(512, position_limit(read_json(folder / "config.json", "re-run mlpruning export") or {}))
 

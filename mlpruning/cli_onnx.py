@@ -63,8 +63,15 @@ def optimize(
     block_sparse: Annotated[
         str, typer.Option(help="Block-pruned matrices: auto (timed here), dense or sparse.")
     ] = "auto",
+    block: Annotated[
+        str,
+        typer.Option(
+            help="Search the weights for zero blocks: auto (16 to 64 wide), none, or N / RxC (e.g. 32x16)."
+        ),
+    ] = "auto",
 ) -> None:
-    """Physically strip pruned heads and FFN rows from an exported model (torch-free passes)."""
+    """Physically strip pruned heads, FFN rows and zero blocks from an exported model (torch-free passes)."""
+    from graph_passes.block_detect import parse_block
     from graph_passes.block_pass import MODES as BLOCK_MODES
     from graph_passes.optimize import optimize as run_passes
     from graph_passes.scatter_rows import MODES as SCATTER_MODES
@@ -75,7 +82,11 @@ def optimize(
         raise UserError(f"--scatter-rows {scatter_rows}: use one of {', '.join(SCATTER_MODES)}")
     if block_sparse not in BLOCK_MODES:
         raise UserError(f"--block-sparse {block_sparse}: use one of {', '.join(BLOCK_MODES)}")
-    report = run_passes(model_dir, out, num_heads, scatter_rows, ort_fusion, block_sparse)
+    try:
+        parse_block(block)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    report = run_passes(model_dir, out, num_heads, scatter_rows, ort_fusion, block_sparse, block)
     typer.echo(json.dumps({"out": str(out), **report}, indent=2))
 
 

@@ -6,7 +6,7 @@
     [step1]      PruneConfig fields except task and teacher (the run's teacher)
     [step2]      optional: BlockPruneConfig fields except source (the run's step 1)
     [export]     exporter, opset
-    [optimize]   scatter_rows, block_sparse, ort_fusion
+    [optimize]   scatter_rows, block_sparse, ort_fusion, block
     [verify]     atol, rtol
     [bench]      batches, seqs, threads, rounds, iters
 
@@ -25,6 +25,7 @@ from typing import Any
 from deploy import run_layout as L
 from deploy.bench import BenchConfig
 from deploy.verify import Tolerance
+from graph_passes.block_detect import parse_block
 from graph_passes.block_pass import MODES as BLOCK
 from graph_passes.scatter_rows import MODES as SCATTER
 from mlpruning.errors import UserError
@@ -51,12 +52,14 @@ class OptimizeSettings:
     scatter_rows: str = "auto"
     block_sparse: str = "auto"
     ort_fusion: bool = False
+    block: str = "auto"  # search the weights for zero blocks: auto, none, N or RxC
 
     def __post_init__(self) -> None:
         if self.scatter_rows not in SCATTER:
             raise ValueError(f"scatter_rows must be one of {', '.join(SCATTER)}, got {self.scatter_rows!r}")
         if self.block_sparse not in BLOCK:
             raise ValueError(f"block_sparse must be one of {', '.join(BLOCK)}, got {self.block_sparse!r}")
+        parse_block(self.block)
 
 
 @dataclass(frozen=True)
