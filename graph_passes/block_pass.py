@@ -8,7 +8,14 @@ graph stores W^T [in, out], so the graph-layout mask is the transpose,
 mask[i, j] = (input block i of output block j kept), with block (b_in, b_out).
 
 Every entry of W^T outside the kept blocks must be zero (the masked checkpoint's contract); a
-nonzero one means the manifest belongs to other weights, and the pass refuses it. Per matrix,
+nonzero one means the manifest belongs to other weights, and the pass refuses it.
+
+Every matrix the manifest gives no block mask (all of them for a step-1 checkpoint or a model
+pruned elsewhere) is searched for all-zero blocks in its current, stripped coordinates
+(:mod:`graph_passes.block_detect`); a mask found there is exact by construction and goes through
+the same choice. Zeros no block covers are reported by pattern, and where they are a large share
+of the matrix, a random block mask of the same density is timed on its shape, so the report says
+what pruning in blocks would have bought on this target. Per matrix,
 ``mode`` decides: ``dense`` keeps MatMul, ``sparse`` always rewrites, ``auto`` times this very
 weight and mask in process (:func:`graph_passes.block_cost.decide_by_measuring`, ORT CPU,
 1 thread, ``tokens`` rows) and rewrites only when block-sparse is faster by the cost model's
@@ -24,13 +31,15 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common  # RemoveUnusedNodesPass
 
-from graph_passes.block_cost import decide_by_measuring
-from graph_passes.block_detect import CANDIDATES, Block, detect
+from graph_passes.block_cost import decide_by_measuring, measure
+from graph_passes.block_detect import CANDIDATES, Block, Sparsity, detect
 from graph_passes.block_sparse import replace_linear
 from graph_passes.linears import LinearSite, StripReport, find_linears, linear_params
 from mlpruning.errors import UserError
 
 MODES = ("auto", "dense", "sparse")
+WORTH_TIMING = 0.25  # share of a matrix's weights that are zeros outside blocks, to time the what-if
+DENSITY_STEP = 0.05
 
 
 def graph_mask(entry: dict[str, Any]) -> tuple[np.ndarray, tuple[int, int]]:
@@ -67,6 +76,7 @@ class BlockSparsePass(ir.passes.InPlacePass):
         if mode not in MODES:
             raise ValueError(f"block-sparse mode {mode!r}: use one of {', '.join(MODES)}")
         self.manifest, self.mode, self.tokens, self.search = manifest, mode, tokens, search
+        self._what_if: dict[tuple[Any, ...], float] = {}
         self.report = StripReport("block_sparse")
 
     def _manifest_entries(self) -> dict[tuple[int, str], dict[str, Any]]:
@@ -120,12 +130,41 @@ class BlockSparsePass(ir.passes.InPlacePass):
         if sparsity.zeros == 0:
             return
         found = {"source": "weights", **sparsity.to_json()}
+        what_if = self._as_blocks(site, sparsity)
+        if what_if is not None:
+            found["as_blocks"] = what_if
         if sparsity.block is None:
             fits = [b for b in candidates if wt.shape[0] % b[0] == 0 and wt.shape[1] % b[1] == 0]
             why = "no all-zero block" if fits else "no candidate block divides the weight"
             self._record(site, found, "dense", f"{sparsity.zeros:.0%} zeros, {why}")
             return
         self._decide(model, site, sparsity.kept, sparsity.block, found)
+
+    def _as_blocks(self, site: LinearSite, sparsity: Sparsity) -> dict[str, Any] | None:
+        """What the zeros no kernel here uses would buy as blocks: timed on this shape, cached.
+
+        Zeros that are unstructured, vectors or N:M cost as much as nonzeros on this target. If a
+        matrix holds at least ``WORTH_TIMING`` of them, a random block mask keeping the nonzero
+        share (all zeros in blocks) is timed on its shape, so the report says what pruning it
+        in blocks would have given. ``auto`` mode only; one timing per shape and density step.
+        """
+        left = sparsity.vector + sparsity.n_m + sparsity.unstructured
+        n_in, n_out = sparsity.shape
+        block = next((b for b in ((32, 32), (16, 16)) if n_in % b[0] == 0 and n_out % b[1] == 0), None)
+        if self.mode != "auto" or left < WORTH_TIMING or block is None:
+            return None
+        density = max(DENSITY_STEP, round((1 - sparsity.zeros) / DENSITY_STEP) * DENSITY_STEP)
+        key = (n_in, n_out, block, density)
+        if key not in self._what_if:
+            self._what_if[key] = measure(n_in, n_out, self.tokens, block, density, budget_s=0.3).speedup
+        speedup = self._what_if[key]
+        pattern = sparsity.vector_pattern or sparsity.n_m_pattern or "unstructured"
+        self.report.notes.append(
+            f"layer {site.layer} {site.name}: {left:.0%} of the weights are zeros no kernel here skips "
+            f"({pattern}); pruned as {block[0]}x{block[1]} blocks at {density:.0%} density, "
+            f"block-sparse measured {speedup:.2f}x vs dense on this shape"
+        )
+        return {"block": list(block), "block_density": density, "measured_speedup": round(speedup, 3)}
 
     def _record(self, site: LinearSite, found: dict[str, Any], action: str, why: str) -> None:
         """One matrix's entry in ``report.matrices``, and its reason in notes (rewritten) or skipped."""

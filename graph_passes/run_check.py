@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from mlpruning.errors import CheckFailed, first_line
+from mlpruning.errors import CheckFailed, UserError, first_line
 from mlpruning.hf_config import position_limit
 
 SHAPES = ((1, 7), (2, 16), (3, 33))
@@ -117,7 +117,9 @@ class Reference:
             outputs = [sess.run(None, f) for f in batches]
         except Exception as exc:  # ORT raises its own exception types for unrunnable models
             why = _ort_reason(exc)
-            raise RunCheckFailed(f"the input model does not run in ONNX Runtime ({why})") from None
+            raise UserError(
+                f"the input model does not run in ONNX Runtime ({why}): pass a model that runs, as exported"
+            ) from None
         return cls([o.name for o in sess.get_outputs()], batches, outputs)
 
     def check(self, model: Path | bytes) -> dict[str, Any]:

@@ -88,6 +88,7 @@ def test_version():
         (("export", "{tmp}/missing", "--out", "{tmp}/o"), "does not exist"),
         (("optimize", "{tmp}/missing", "--out", "{tmp}/o"), "does not exist"),
         (("optimize", "{tmp}/gpt2", "--out", "{tmp}/o"), "has no model.onnx"),
+        (("optimize", "{tmp}/gpt2", "--out", "{tmp}/o", "--block", "0x8"), "--block 0x8: use auto, none"),
         (("export", "{tmp}/gpt2", "--out", "{tmp}/o"), "neither a masked checkpoint nor a fine-tuned one"),
         # click's usage errors: one line too, not a boxed usage panel
         (("bench", "{tmp}", "--threads", "0"), "Invalid value for '--threads'"),

@@ -186,3 +186,53 @@ def test_heads_rows_and_blocks_of_a_foreign_model_together(tmp_path):
     assert found["block"] == [16, 16] and found["block_density"] == 0.5 and found["coverage"] == 1.0
     ops = [n.op_type for n in ir.load(tmp_path / "out" / "model.onnx").graph]
     assert ops.count("BlockSparseLinear") == 1
+
+
+def test_cli_check_failure_is_one_line_exit_1_and_a_broken_input_is_exit_2(tmp_path, monkeypatch, capsys):
+    from mlpruning import cli
+
+    style = "st_torchscript_op14"
+    src = copy_folder(LEGACY / style, tmp_path / "in", _pruned(ir.load(LEGACY / style / "model.onnx")))
+    monkeypatch.setattr(strip_heads, "_set_merge_width", lambda *args: False)
+    monkeypatch.setattr("sys.argv", ["mlpruning", "optimize", str(src), "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exit_info.value.code == 1 and len(err) == 1 and err[0].startswith("error: optimize wrote nothing")
+    assert not (tmp_path / "out").exists()
+
+    monkeypatch.undo()
+    model = ir.load(LEGACY / style / "model.onnx")
+    merge = strip_heads.merge_reshape(linears(model)[(0, "attn_out")])
+    concat = merge.inputs[1].producer()
+    concat.replace_input_with(2, _const(model.graph, "wrong_width", [31]))  # the input itself cannot run
+    broken = copy_folder(LEGACY / style, tmp_path / "broken", model)
+    monkeypatch.setattr("sys.argv", ["mlpruning", "optimize", str(broken), "--out", str(tmp_path / "out2")])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exit_info.value.code == 2 and len(err) == 1 and "the input model does not run" in err[0]
+    assert not (tmp_path / "out2").exists()
+
+
+def test_unstructured_zeros_are_reported_with_what_blocks_would_buy(tmp_path):
+    style = "hf4_bert_op17_sdpa"
+    model = _pruned(ir.load(LEGACY / style / "model.onnx"))
+    site = linears(model)[(1, "key")]  # W^T [32, 32]; layer 1's head 0 is pruned, 24 columns stay
+    wt = site.weight.const_value.numpy().copy()
+    wt[np.random.default_rng(3).random(wt.shape) < 0.6] = 0  # unstructured, as magnitude pruning leaves
+    site.set_weight(wt)
+    site = linears(model)[(0, "ffn_out")]  # W^T [64, 32] -> [32, 32] after the row strip
+    wt = site.weight.const_value.numpy().copy()
+    wt[np.random.default_rng(4).random(wt.shape) < 0.6] = 0
+    site.set_weight(wt)
+    src = copy_folder(LEGACY / style, tmp_path / "in", model)
+    blocks = _optimize(src, tmp_path / "out")["passes"][2]
+    entry = next(m for m in blocks["matrices"] if (m["layer"], m["matrix"]) == (0, "ffn_out"))
+    assert entry["block"] is None and entry["zeros"] > 0.5
+    assert entry["unstructured"] == pytest.approx(entry["zeros"])
+    assert entry["as_blocks"]["block"] == [32, 32] and entry["as_blocks"]["measured_speedup"] > 0
+    assert entry["as_blocks"]["block_density"] == pytest.approx(round((1 - entry["zeros"]) * 20) / 20)
+    assert any("layer 0 ffn_out: " in n and "(unstructured)" in n for n in blocks["notes"])
+    key = next(m for m in blocks["matrices"] if (m["layer"], m["matrix"]) == (1, "key"))
+    assert "as_blocks" not in key  # [32, 24] after the head strip: no 32x32 or 16x16 grid to time
