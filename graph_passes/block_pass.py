@@ -90,7 +90,9 @@ class BlockSparsePass(ir.passes.InPlacePass):
         self.report.params_before = linear_params(model, self.manifest)
         entries = self._manifest_entries()
         if not entries and self.search == "none":
-            self.report.skipped.append("manifest has no block masks (step-1 checkpoint)")
+            self.report.skipped.append(
+                "no block masks in the manifest, and the weight search is off (--block none)"
+            )
         for (layer, name), entry in entries.items():
             site = sites.get((layer, name))
             if site is None:

@@ -170,14 +170,18 @@ def test_a_computed_head_count_is_refused_for_its_layer_with_a_reason(tmp_path):
     ]
 
 
-def test_heads_rows_and_blocks_of_a_foreign_model_together(tmp_path):
+def _blocks_source(tmp_path: Path) -> Path:
     style = "hf4_distilbert_op17"
     model = _pruned(ir.load(LEGACY / style / "model.onnx"))
     site = linears(model)[(0, "ffn_in")]  # W^T [32, 64]; the odd neurons survive the row strip
     wt = site.weight.const_value.numpy().copy()
     wt[:16, :32] = wt[16:, 32:] = 0  # after the strip: [32, 32] with 2 of its 4 16x16 blocks zero
     site.set_weight(wt)
-    src = copy_folder(LEGACY / style, tmp_path / "in", model)
+    return copy_folder(LEGACY / style, tmp_path / "in", model)
+
+
+def test_heads_rows_and_blocks_of_a_foreign_model_together(tmp_path):
+    src = _blocks_source(tmp_path)
     report = _optimize(src, tmp_path / "out", block_sparse="sparse")
     heads, rows, blocks = report["passes"][:3]
     assert heads["rewrites"] == rows["rewrites"] == 2 and blocks["rewrites"] == 1
@@ -186,6 +190,20 @@ def test_heads_rows_and_blocks_of_a_foreign_model_together(tmp_path):
     assert found["block"] == [16, 16] and found["block_density"] == 0.5 and found["coverage"] == 1.0
     ops = [n.op_type for n in ir.load(tmp_path / "out" / "model.onnx").graph]
     assert ops.count("BlockSparseLinear") == 1
+
+
+@pytest.mark.parametrize(("block", "rewrites"), [("none", 0), ("16", 1), ("32", 0)])
+def test_the_block_option_skips_or_forces_the_search(tmp_path, block, rewrites):
+    report = _optimize(_blocks_source(tmp_path), tmp_path / "out", block_sparse="sparse", block=block)
+    blocks = report["passes"][2]
+    assert blocks["rewrites"] == rewrites
+    if block == "none":
+        assert blocks["matrices"] == [] and blocks["skipped"] == [
+            "no block masks in the manifest, and the weight search is off (--block none)"
+        ]
+    if block == "32":  # one 32x32 block holding nonzeros: nothing to skip at that size
+        entry = next(m for m in blocks["matrices"] if (m["layer"], m["matrix"]) == (0, "ffn_in"))
+        assert entry["block"] is None and entry["zeros"] == 0.5
 
 
 def test_cli_check_failure_is_one_line_exit_1_and_a_broken_input_is_exit_2(tmp_path, monkeypatch, capsys):
