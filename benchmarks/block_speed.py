@@ -31,7 +31,7 @@ from strip_speed import cli, speedup, write_target
 
 from graph_passes.block_pass import BlockSparsePass
 from graph_passes.linears import find_linears, linear_params
-from mlpruning.atomic import write_json
+from mlpruning.core.atomic import write_json
 
 BLOCK = 32
 

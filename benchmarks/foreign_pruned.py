@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(Path(__file__).parent)]
 from strip_speed import cli, write_target  # noqa: E402
 
-from mlpruning.atomic import write_json  # noqa: E402
+from mlpruning.core.atomic import write_json  # noqa: E402
 from tests.onnx_zeroing import copy_folder, zero_blocks, zero_ffn_rows, zero_heads  # noqa: E402
 
 LAYERS, HEADS, HEAD_DIM, FFN = 12, 12, 64, 3072

@@ -22,7 +22,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 from deploy.random_parity import random_parity
-from mlpruning.atomic import write_json
+from mlpruning.core.atomic import write_json
 from pipeline.adapters import geometry
 from pipeline.pruning.fixed import random_masks, write_masked
 

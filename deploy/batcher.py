@@ -3,7 +3,7 @@
 :class:`ServedModel` loads a model folder once (``model.onnx``, ``config.json``, tokenizer files):
 the tokenizer straight from ``tokenizer.json`` with the ``tokenizers`` library, so the serving
 process never imports torch (a folder with only slow-tokenizer files goes through transformers
-once to convert it), and the ORT session (or TensorRT engine) through :func:`deploy.trt_engine.open_model`. It
+once to convert it), and the ORT session (or TensorRT engine) through :func:`deploy.runners.open_model`. It
 tokenizes without padding; :meth:`ServedModel.run_batch` right-pads a batch to its longest
 sequence. Padding does not change a sequence's logits beyond float rounding: padded positions
 are masked out of attention.
@@ -42,9 +42,11 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 
 from deploy.engine_report import ENGINE_REPORT, profile_ranges
-from deploy.trt_engine import ENGINE_PROVIDER, open_model, runtime_name
-from mlpruning.errors import UserError
-from mlpruning.hf_config import position_limit
+from deploy.runners import open_model, runtime_name
+from deploy.trt_engine import ENGINE_PROVIDER
+from mlpruning.core.contract import VOCAB_FILES
+from mlpruning.core.errors import UserError
+from mlpruning.core.hf_config import position_limit
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +265,6 @@ def _task_of(folder: Path) -> Any:
 
 
 # the files one of which holds the vocabulary; the rest (tokenizer_config.json, ...) only tune it
-VOCAB_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
 
 
 def require_vocab(folder: Path) -> None:

@@ -28,12 +28,13 @@ from typing import Any
 
 import numpy as np
 
+from deploy.runners import open_model, runtime_name
 from deploy.runtime import PROVIDERS
-from deploy.trt_engine import ENGINE_PROVIDER, open_model, runtime_name
+from deploy.trt_engine import ENGINE_PROVIDER
 from mlpruning import __version__
-from mlpruning.errors import UserError
-from mlpruning.hf_config import position_limit
-from mlpruning.jsonfile import read_json
+from mlpruning.core.errors import UserError
+from mlpruning.core.hf_config import position_limit
+from mlpruning.core.jsonfile import read_json
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mlpruning.errors import UserError
-from mlpruning.jsonfile import read_json
+from mlpruning.core.contract import ENGINE_REPORT
+from mlpruning.core.errors import UserError
+from mlpruning.core.jsonfile import read_json
 
-ENGINE_REPORT = "engine.json"
 AXES = ("batch", "seq")
 REBUILD = "rebuild the engine with mlpruning build"
 

@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from mlpruning import __version__
-from mlpruning.errors import UserError
-from mlpruning.jsonfile import read_json
+from mlpruning.core.errors import UserError
+from mlpruning.core.jsonfile import read_json
 
 FORMAT = 1
 KIND = "mlpruning-baseline"

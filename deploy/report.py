@@ -20,7 +20,7 @@ from typing import Any
 from deploy import report_plots as plots
 from deploy import run_layout as layout
 from deploy.summary import write_summary
-from mlpruning.atomic import write_text
+from mlpruning.core.atomic import write_text
 
 
 @dataclass(frozen=True)

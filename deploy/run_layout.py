@@ -25,9 +25,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mlpruning.errors import UserError
+from mlpruning.core.contract import VARIANTS
+from mlpruning.core.errors import UserError
 
-VARIANTS = ("dense", "step1", "step2")
 RUN_STATE = "run.json"
 SUMMARY = "summary.json"
 REPORT_MD = "report.md"

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from graph_passes.ort_fusion import DISABLED_AT_LOAD
-from mlpruning.errors import UserError, first_line
+from mlpruning.core.contract import ONNX_FILE
+from mlpruning.core.errors import UserError, first_line
 
-ONNX_FILE = "model.onnx"
 PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
     "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],

@@ -55,7 +55,7 @@ from deploy.run_layout import verify_report as verify_report_path
 from deploy.runtime import ONNX_FILE, PROVIDERS
 from deploy.triton import resolve_model_folder
 from mlpruning import __version__
-from mlpruning.errors import UserError
+from mlpruning.core.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -29,9 +29,9 @@ from typing import Any
 
 from deploy import run_layout as layout
 from mlpruning import __version__
-from mlpruning.atomic import write_json
-from mlpruning.errors import UserError
-from mlpruning.jsonfile import read_json
+from mlpruning.core.atomic import write_json
+from mlpruning.core.errors import UserError
+from mlpruning.core.jsonfile import read_json
 
 FORMAT = 1
 # Versions shown in the report, in this order; others recorded by a stage follow.

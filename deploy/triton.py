@@ -38,59 +38,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from deploy.batcher import require_vocab
 from deploy.engine_report import engine_source, profile_ranges
 from deploy.run_layout import resolve_variant
-from deploy.runtime import ONNX_FILE
+from deploy.signature import TensorSpec, read_signature
+from deploy.trt_engine import inline_functions
 from mlpruning import __version__
-from mlpruning.atomic import make_writable_dir
-from mlpruning.errors import UserError
-from mlpruning.jsonfile import read_json
+from mlpruning.core.atomic import make_writable_dir
+from mlpruning.core.contract import CONFIG_FILE, ONNX_FILE, PLAN_FILE, TOKENIZER_FILES
+from mlpruning.core.errors import UserError
+from mlpruning.core.jsonfile import read_json
 
-PLAN_FILE = "model.plan"
 METADATA = "mlpruning.json"
 BACKENDS = {"onnxruntime": ("onnxruntime_onnx", ONNX_FILE), "tensorrt": ("tensorrt_plan", PLAN_FILE)}
 KINDS = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}
-CLIENT_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
-CLIENT_FILES += ("vocab.json", "merges.txt", "config.json")  # RoBERTa's BPE files; labels
+CLIENT_FILES = (*TOKENIZER_FILES, CONFIG_FILE)  # the tokenizer, and the label names
 # ONNX TensorProto element type -> Triton data type
 TRITON_TYPES = {1: "TYPE_FP32", 2: "TYPE_UINT8", 3: "TYPE_INT8", 6: "TYPE_INT32", 7: "TYPE_INT64"}
 TRITON_TYPES |= {8: "TYPE_STRING", 9: "TYPE_BOOL", 10: "TYPE_FP16", 11: "TYPE_FP64", 16: "TYPE_BF16"}
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One graph input or output: ``dims`` None where the ONNX dim is symbolic or unknown."""
-
-    name: str
-    elem_type: int
-    dims: tuple[int | None, ...]
-
-
-def signature(proto: Any) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """Inputs (initializers excluded: old exports list them as inputs) and outputs of a ModelProto."""
-    weights = {init.name for init in proto.graph.initializer}
-
-    def spec(value: Any) -> TensorSpec:
-        tensor = value.type.tensor_type
-        dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim)
-        return TensorSpec(value.name, tensor.elem_type, dims)
-
-    inputs = [spec(v) for v in proto.graph.input if v.name not in weights]
-    return inputs, [spec(v) for v in proto.graph.output]
-
-
-def read_signature(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    import onnx
-    from google.protobuf.message import DecodeError
-
-    fix = "re-run the export or optimize that wrote it"
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except (DecodeError, OSError) as exc:
-        raise UserError(f"{path} is not a readable ONNX model ({exc.__class__.__name__}): {fix}") from None
-    if not proto.graph.input or not proto.graph.output:  # an empty file parses as an empty model
-        raise UserError(f"{path} has no graph inputs or outputs: {fix}")
-    return signature(proto)
 
 
 @dataclass(frozen=True)
@@ -289,8 +254,6 @@ def _copy_model(folder: Path, dest: Path, opts: TritonOptions) -> int:
     proto = onnx.load(str(folder / ONNX_FILE), load_external_data=opts.inline_functions)
     functions = len(proto.functions)
     if opts.inline_functions and functions:
-        from deploy.trt_engine import inline_functions
-
         onnx.save(inline_functions(proto), str(dest / ONNX_FILE))
         return functions
     shutil.copy2(folder / ONNX_FILE, dest / ONNX_FILE)
@@ -369,8 +332,6 @@ def export_triton(
     if final.exists() and not overwrite:
         raise UserError(f"{final} exists: pass --overwrite to replace it")
     onnx_source = _onnx_source(folder)
-    from deploy.batcher import require_vocab
-
     require_vocab(onnx_source.parent)  # clients tokenize with the files copied from there
     try:
         config = model_config(final.name, *read_signature(onnx_source), opts)

@@ -22,9 +22,8 @@ Build (``build_engine``): the ONNX model is prepared first, then parsed and buil
 
 The plan is written atomically, then ``engine.json`` (options, profile, I/O, versions) beside it.
 
-Run (``TrtRunner``): the ORT-session subset verify and bench use (``get_inputs``, ``run``),
+Run (``TrtRunner``): the runner interface of :mod:`deploy.runners` (``get_inputs``, ``run``),
 with buffers as torch CUDA tensors on one stream; shapes outside the profile are a UserError.
-``open_model`` picks the ONNX session or the engine for a folder.
 """
 
 from __future__ import annotations
@@ -39,11 +38,12 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from deploy.engine_report import ENGINE_REPORT
-from deploy.runtime import ONNX_FILE, model_path, open_session
-from deploy.triton import PLAN_FILE, TensorSpec, signature
+from deploy.runtime import model_path
+from deploy.signature import TensorSpec, signature
 from mlpruning import __version__
-from mlpruning.atomic import write_json, write_with
-from mlpruning.errors import UserError
+from mlpruning.core.atomic import write_json, write_with
+from mlpruning.core.contract import ONNX_FILE, PLAN_FILE
+from mlpruning.core.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -344,23 +344,3 @@ class TrtRunner:
                 raise RuntimeError("TensorRT execute_async_v3 failed")
             self._stream.synchronize()
         return [buffers[n].cpu().numpy() for n in (output_names or self._outputs)]
-
-
-def open_model(folder: Path, threads: int | None = None, provider: str = "cpu", engine: bool = False) -> Any:
-    """``folder/model.plan`` when ``engine`` is asked or it is the folder's only model, else an ORT
-    session on ``folder/model.onnx`` with ``provider``."""
-    plan = folder / PLAN_FILE
-    if engine or (plan.is_file() and not (folder / ONNX_FILE).is_file()):
-        if not plan.is_file():
-            raise UserError(f"{folder} has no {PLAN_FILE}: build one with mlpruning build {folder} --fp16")
-        return TrtRunner(plan)
-    return open_session(folder, threads, provider)
-
-
-def runtime_name(session: Any) -> str:
-    """The execution provider (or TensorRT engine) a session runs on."""
-    return session.get_providers()[0]
-
-
-def model_label(folder: Path, session: Any) -> str:
-    return str(folder / PLAN_FILE) if runtime_name(session) == ENGINE_PROVIDER else str(folder)

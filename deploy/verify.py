@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from deploy.trt_engine import model_label, open_model, runtime_name
+from deploy.runners import model_label, open_model, runtime_name
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from graph_passes.block_cost import decide_by_measuring, measure
 from graph_passes.block_detect import CANDIDATES, Block, Sparsity, detect
 from graph_passes.block_sparse import replace_linear
 from graph_passes.linears import LinearSite, StripReport, find_linears, linear_params
-from mlpruning.errors import UserError
+from mlpruning.core.errors import UserError
 
 MODES = ("auto", "dense", "sparse")
 WORTH_TIMING = 0.25  # share of a matrix's weights that are zeros outside blocks, to time the what-if

@@ -27,8 +27,8 @@ import onnx_ir as ir
 
 from graph_passes.linears import LinearSite, const_array, find_linears, head_is_live, reshape_after
 from graph_passes.scopes import nodes_by_module
-from mlpruning.errors import UserError
-from pipeline.adapters import ADAPTERS
+from mlpruning.core.contract import FAMILIES
+from mlpruning.core.errors import UserError
 
 DETECTED_KIND = "detected"
 
@@ -36,7 +36,7 @@ DETECTED_KIND = "detected"
 def _layout(model: ir.Model) -> dict[str, Any]:
     """Adapter record and layer count matched from the graph's module paths."""
     modules = nodes_by_module(model.graph)
-    for adapter in ADAPTERS:
+    for adapter in FAMILIES:
         pattern = re.compile(
             rf"^(?:(?P<prefix>.+)\.)?{re.escape(adapter.layers)}\.(?P<i>\d+)\.{re.escape(adapter.query)}$"
         )

@@ -17,8 +17,8 @@ import numpy as np
 import onnx_ir as ir
 
 from graph_passes.scopes import module_prefix, nodes_by_module
+from mlpruning.core.contract import LINEARS
 
-LINEARS = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")
 BIAS_ONLY = "__bias_only"  # name suffix of the bias a collapsed linear leaves behind
 
 

@@ -29,28 +29,26 @@ from google.protobuf.message import DecodeError
 from graph_passes.block_detect import parse_block
 from graph_passes.block_pass import BlockSparsePass
 from graph_passes.detect import DETECTED_KIND, detect_manifest
-from graph_passes.manifest_check import EXPORT_FIX, check_export_manifest
 from graph_passes.ort_fusion import fuse_if_faster
 from graph_passes.run_check import Reference, RunCheckFailed, limits_of
 from graph_passes.scatter_rows import ScatterRowsPass
 from graph_passes.strip_heads import StripHeadsPass
 from graph_passes.strip_rows import StripRowsPass
-from mlpruning.atomic import staging_dir, write_json
-from mlpruning.errors import UserError
-from mlpruning.jsonfile import read_json
-
-ONNX_FILE = "model.onnx"
-MANIFEST_FILE = "pruning.json"
-REPORT_FILE = "optimize.json"
-_CARRIED = (
-    "pruning.json",
-    "export.json",
-    "config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "vocab.txt",
-    "special_tokens_map.json",
+from mlpruning.core.atomic import staging_dir, write_json
+from mlpruning.core.contract import (
+    CONFIG_FILE,
+    EXPORT_REPORT,
+    MANIFEST_FILE,
+    ONNX_FILE,
+    OPTIMIZE_REPORT,
+    TOKENIZER_FILES,
 )
+from mlpruning.core.errors import UserError
+from mlpruning.core.jsonfile import read_json
+from mlpruning.core.manifest import EXPORT_FIX, check_export_manifest
+
+REPORT_FILE = OPTIMIZE_REPORT
+_CARRIED = (MANIFEST_FILE, EXPORT_REPORT, CONFIG_FILE, *TOKENIZER_FILES)
 
 
 def _check(model: ir.Model, after: str) -> bytes:

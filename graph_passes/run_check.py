@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from mlpruning.errors import CheckFailed, UserError, first_line
-from mlpruning.hf_config import position_limit
+from mlpruning.core.errors import CheckFailed, UserError, first_line
+from mlpruning.core.hf_config import position_limit
 
 SHAPES = ((1, 7), (2, 16), (3, 33))
 ATOL, RTOL = 1e-4, 1e-3  # verify's defaults

@@ -31,7 +31,7 @@ from graph_passes.linears import (
     linear_params,
 )
 from graph_passes.scatter_cost import ScatterCost
-from mlpruning.errors import UserError
+from mlpruning.core.errors import UserError
 
 MODES = ("auto", "dense", "scatter")
 _KEPT = {"attn_out": "attn_out_rows_kept_indices", "ffn_out": "ffn_out_rows_kept_indices"}

@@ -49,7 +49,7 @@ from graph_passes.linears import (
     replace_output_with_bias,
     reshape_after,
 )
-from mlpruning.errors import UserError
+from mlpruning.core.errors import UserError
 
 
 def _columns(heads: list[int], d: int) -> np.ndarray:

@@ -28,7 +28,7 @@ from graph_passes.linears import (
     linear_params,
     replace_output_with_bias,
 )
-from mlpruning.errors import UserError
+from mlpruning.core.errors import UserError
 
 
 class StripRowsPass(ir.passes.InPlacePass):

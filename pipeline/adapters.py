@@ -1,10 +1,8 @@
-"""Architecture adapters: where each encoder family keeps the matrices MLPruning prunes.
+"""Architecture adapters: the six prunable linears of a loaded PyTorch encoder, and its geometry.
 
-MLPruning works on six linears per encoder layer: the query, key and value projections (which
-share one head mask), the attention output O, FFN-in (hidden -> intermediate) and FFN-out
-(intermediate -> hidden). Hugging Face names them differently per family; an adapter records
-the names once, relative to the *base model* (``model.base_model``), so one code path serves a
-bare encoder and any task head on top of it.
+Where each family keeps the query, key, value, attention output, FFN-in and FFN-out linears is
+the families table of the artifact contract (:mod:`mlpruning.core.contract`), shared with the
+torch-free graph passes; this module applies it to ``model.base_model``.
 
 Geometry is read from the real modules, never from a hard-coded model size: hidden size is
 Q's ``in_features``, the intermediate size is FFN-in's ``out_features``, and the head count
@@ -16,75 +14,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from mlpruning.errors import UserError
+from mlpruning.core.contract import Family, Geometry, family_for, supported_model_types
+from mlpruning.core.errors import UserError
 
 if TYPE_CHECKING:
     from torch import nn
     from transformers import PretrainedConfig, PreTrainedModel
 
 
-@dataclass(frozen=True)
-class ArchAdapter:
-    """Module paths of one encoder family, relative to ``model.base_model``."""
-
-    family: str
-    model_types: tuple[str, ...]
-    layers: str
-    query: str
-    key: str
-    value: str
-    attn_out: str
-    ffn_in: str
-    ffn_out: str
-
-    def linear_paths(self) -> dict[str, str]:
-        return {
-            "query": self.query,
-            "key": self.key,
-            "value": self.value,
-            "attn_out": self.attn_out,
-            "ffn_in": self.ffn_in,
-            "ffn_out": self.ffn_out,
-        }
-
-
-_BERT_LIKE = dict(
-    layers="encoder.layer",
-    query="attention.self.query",
-    key="attention.self.key",
-    value="attention.self.value",
-    attn_out="attention.output.dense",
-    ffn_in="intermediate.dense",
-    ffn_out="output.dense",
-)
-
-ADAPTERS: tuple[ArchAdapter, ...] = (
-    ArchAdapter("bert", ("bert",), **_BERT_LIKE),
-    ArchAdapter("roberta", ("roberta", "xlm-roberta", "camembert"), **_BERT_LIKE),
-    ArchAdapter(
-        "distilbert",
-        ("distilbert",),
-        layers="transformer.layer",
-        query="attention.q_lin",
-        key="attention.k_lin",
-        value="attention.v_lin",
-        attn_out="attention.out_lin",
-        ffn_in="ffn.lin1",
-        ffn_out="ffn.lin2",
-    ),
-)
-
-
-def supported_model_types() -> list[str]:
-    return sorted(t for a in ADAPTERS for t in a.model_types)
-
-
-def adapter_for(config: PretrainedConfig) -> ArchAdapter:
-    """The adapter for a config's ``model_type``, or a UserError listing supported ones."""
+def adapter_for(config: PretrainedConfig) -> Family:
+    """The family of a config's ``model_type``, or a UserError listing supported ones."""
     model_type = getattr(config, "model_type", None)
-    for adapter in ADAPTERS:
-        if model_type in adapter.model_types:
-            return adapter
+    family = family_for(model_type)
+    if family is not None:
+        return family
     raise UserError(
         f"model type '{model_type}' has no mlpruning adapter: use a BERT-family encoder "
         f"({', '.join(supported_model_types())})"
@@ -101,17 +44,6 @@ class LayerLinears:
     attn_out: nn.Linear
     ffn_in: nn.Linear
     ffn_out: nn.Linear
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """Shapes of the encoder, read from the modules."""
-
-    num_layers: int
-    num_heads: int
-    head_dim: int
-    hidden: int
-    intermediate: int
 
 
 def layer_linears(model: PreTrainedModel) -> list[LayerLinears]:

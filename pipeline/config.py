@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from mlpruning.errors import UserError
+from mlpruning.core.errors import UserError
 from pipeline.models import DEFAULT_MODEL
 from pipeline.tasks import get_task
 

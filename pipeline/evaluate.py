@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mlpruning import __version__
-from mlpruning.errors import UserError
-from mlpruning.jsonfile import read_json
+from mlpruning.core.errors import UserError
+from mlpruning.core.jsonfile import read_json
 from pipeline.batching import Encoded, collate, encode, sorted_batches
 from pipeline.metrics import compute_metrics
 from pipeline.tasks import TaskSpec, get_task, load_split

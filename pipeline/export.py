@@ -32,8 +32,9 @@ import numpy as np
 import torch
 
 from mlpruning import __version__
-from mlpruning.atomic import staging_dir, write_json
-from mlpruning.errors import UserError
+from mlpruning.core.atomic import staging_dir, write_json
+from mlpruning.core.contract import EXPORT_REPORT, ONNX_FILE
+from mlpruning.core.errors import UserError
 from pipeline.adapters import geometry
 from pipeline.evaluate import read_metadata
 from pipeline.models import load_for_task, load_tokenizer, quiet_transformers
@@ -41,8 +42,6 @@ from pipeline.pruning.checkpoint import MANIFEST_FILE, build_manifest, load_mask
 from pipeline.pruning.masks import mask_sizes
 from pipeline.tasks import get_task
 
-ONNX_FILE = "model.onnx"
-EXPORT_FILE = "export.json"
 PARITY_ATOL = 1e-4
 EXPORTERS = ("torchscript", "dynamo")
 _PROBE = [
@@ -162,5 +161,5 @@ def export_onnx(ckpt: Path, out: Path, opset: int = 17, exporter: str = "torchsc
         tokenizer.save_pretrained(tmp)
         if (ckpt / "eval.json").is_file():
             shutil.copy(ckpt / "eval.json", tmp / "source_eval.json")
-    write_json(out / EXPORT_FILE, report)
+    write_json(out / EXPORT_REPORT, report)
     return report

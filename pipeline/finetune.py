@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from mlpruning import __version__
-from mlpruning.atomic import staging_dir, write_json
+from mlpruning.core.atomic import staging_dir, write_json
 from pipeline.batching import Encoded, collate, encode
 from pipeline.config import FinetuneConfig
 from pipeline.evaluate import METADATA_FILE, EvalResult, evaluate_encoded

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from safetensors import SafetensorError
 
-from mlpruning.errors import UserError, first_line
+from mlpruning.core.errors import UserError, first_line
 from pipeline.adapters import adapter_for
 from pipeline.tasks import TaskSpec
 

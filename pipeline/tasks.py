@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from mlpruning.errors import UserError
+from mlpruning.core.errors import UserError
 
 EMBEDDED_DIR = Path(__file__).parent / "data" / "glue"
 

@@ -31,14 +31,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mlpruning.atomic import check_writable_dir, write_with
-from mlpruning.errors import UserError
+from mlpruning.core.atomic import check_writable_dir, write_with
+from mlpruning.core.contract import EVAL_FILE
+from mlpruning.core.errors import UserError
 from pipeline.batching import Encoded, bucketed_batches
 from pipeline.evaluate import EvalResult
 from pipeline.progress import TrainProgress
 
 RESUME_FILE = Path("resume") / "state.pt"
-EVAL_FILE = "eval.json"
 
 
 class Interrupted(Exception):

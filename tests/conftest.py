@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from mlpruning.core.contract import TOKENIZER_FILES
 from pipeline.models import embedded_default_dir
 from pipeline.tasks import EMBEDDED_DIR
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 
 
 def free_port() -> int:

@@ -5,7 +5,7 @@ import json
 import pytest
 from transformers import AutoModelForSequenceClassification
 
-from mlpruning.errors import UserError
+from mlpruning.core.errors import UserError
 from pipeline.adapters import adapter_for, geometry, layer_linears
 from pipeline.models import load_config, load_for_task, resolve_model
 from pipeline.tasks import get_task

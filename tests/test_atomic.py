@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from mlpruning.atomic import staging_dir, write_json
-from mlpruning.errors import UserError
+from mlpruning.core.atomic import staging_dir, write_json
+from mlpruning.core.errors import UserError
 
 
 def test_refused_outputs_are_one_line_errors(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from deploy.bench import BenchConfig, bench, format_table
-from mlpruning.errors import UserError
+from mlpruning.core.errors import UserError
 from tests.test_cli import assert_one_line_error, run_cli
 
 
@@ -60,7 +60,7 @@ def test_bad_bench_input(stripped, tmp_path):
 
 
 def test_list_flags_take_spaces_commas_or_repeats():
-    from mlpruning.cli_common import spread_list_flags
+    from mlpruning.cli.common import spread_list_flags
 
     argv = ["bench", "m", "--batch", "1", "8", "--seq", "128,384", "--threads", "2"]
     assert spread_list_flags(argv) == [

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from mlpruning.errors import UserError
+from mlpruning.core.errors import UserError
 from pipeline.adapters import Geometry, geometry, layer_linears
 from pipeline.pruning.binarizer import block_topk_mask, kept_count
 from pipeline.pruning.block_masks import BlockScores, attach_blocks, build_indices

@@ -17,7 +17,7 @@ import pytest
 
 from graph_passes.block_pass import BlockSparsePass, graph_mask
 from graph_passes.linears import find_linears
-from mlpruning.errors import UserError
+from mlpruning.core.errors import UserError
 
 BLOCK = 8
 

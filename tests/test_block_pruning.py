@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mlpruning.errors import UserError
+from mlpruning.core.errors import UserError
 from pipeline.config import BlockPruneConfig, build_config
 from pipeline.pruning.block_pruner import BlockPruner
 from pipeline.pruning.blocks import MATRICES, block_index, block_key

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from mlpruning.cli import main
-from mlpruning.cli_common import set_threads
-from mlpruning.errors import UserError
-from mlpruning.run_config import load_run_config
+from mlpruning.cli.common import set_threads
+from mlpruning.cli.run_config import load_run_config
+from mlpruning.core.errors import UserError
 from pipeline.config import BlockPruneConfig, FinetuneConfig, build_config, from_mapping, load_toml
 
 STEP1 = "[step1]\ntarget = 0.5\n"
@@ -134,7 +134,7 @@ def test_cli_prints_one_line_and_exits_2(tmp_path, monkeypatch, capsys, command,
     argv += [str(config)] if command == "run" else ["--config", str(config)]
     monkeypatch.setattr(sys, "argv", argv)
     # should a bad value get through, fail here instead of training a model
-    for module, name in (("mlpruning.run_stages", "build_stages"), ("mlpruning.cli", "_run_finetune")):
+    for module, name in (("mlpruning.cli.run_stages", "build_stages"), ("mlpruning.cli", "_run_finetune")):
         monkeypatch.setattr(f"{module}.{name}", _no_training)
     with pytest.raises(SystemExit) as exit_info:
         main()

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mlpruning.errors import UserError
+from mlpruning.core.errors import UserError
 from pipeline import trainloop
 from pipeline.pruning.checkpoint import load_masked, read_masks
 from pipeline.trainloop import RESUME_FILE, TrainLoop

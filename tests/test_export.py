@@ -11,7 +11,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from mlpruning.errors import UserError
+from mlpruning.core.errors import UserError
 from pipeline.adapters import adapter_for
 from pipeline.config import FinetuneConfig
 from pipeline.export import export_onnx

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mlpruning.errors import UserError
+from mlpruning.core.errors import UserError
 from pipeline.config import FinetuneConfig
 from pipeline.evaluate import evaluate_checkpoint
 from pipeline.finetune import Finetuner

@@ -8,12 +8,12 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-import mlpruning.cli_deploy  # noqa: F401  (registers report and compare on the app)
+import mlpruning.cli.deploy_cmds  # noqa: F401  (registers report and compare on the app)
 from deploy import run_layout as layout
 from deploy.gate import GateTolerance, compare, load_baseline, make_baseline
 from deploy.summary import build_summary
-from mlpruning.cli_common import app
-from mlpruning.errors import UserError
+from mlpruning.cli.common import app
+from mlpruning.core.errors import UserError
 from tests.test_cli import assert_one_line_error, run_cli
 from tests.test_report import _bench, _verify, build_real_run, make_run
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from mlpruning.errors import UserError
-from mlpruning.jsonfile import read_json
+from mlpruning.core.errors import UserError
+from mlpruning.core.jsonfile import read_json
 
 
 def test_absent_file_is_none_and_an_object_is_returned(tmp_path: Path) -> None:

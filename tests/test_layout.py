@@ -1,4 +1,7 @@
-"""Package layout promises: graph_passes imports without torch; the CLI imports no torch."""
+"""Package layout promises: the CLI imports no torch; CI runs the README's test command.
+
+The layers and the torch-free modules are pinned by tests/test_layers.py.
+"""
 
 from __future__ import annotations
 
@@ -20,12 +23,6 @@ BLOCK_TORCH = textwrap.dedent(
 
 def _run(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", BLOCK_TORCH + code], capture_output=True, text=True)
-
-
-def test_graph_passes_and_deploy_import_without_torch():
-    proc = _run("import graph_passes, deploy, mlpruning, mlpruning.errors, mlpruning.atomic\nprint('ok')")
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "ok"
 
 
 def test_cli_module_and_task_data_do_not_import_torch():

@@ -16,9 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from graph_passes.manifest_check import CHECKPOINT_FIX
 from graph_passes.optimize import optimize
-from mlpruning.errors import UserError
+from mlpruning.core.errors import UserError
+from mlpruning.core.manifest import CHECKPOINT_FIX
 from pipeline.adapters import Geometry
 from pipeline.pruning.checkpoint import load_masked, read_manifest, read_scores
 from tests.test_cli import assert_one_line_error, run_cli

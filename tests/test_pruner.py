@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mlpruning.errors import UserError
+from mlpruning.core.errors import UserError
 from pipeline.config import PruneConfig
 from pipeline.pruning.checkpoint import load_masked, read_masks
 from pipeline.pruning.pruner import Pruner

@@ -16,7 +16,7 @@ from deploy import run_layout as layout
 from deploy.report import build_blocks, reference_point, render_md, write_report
 from deploy.report_plots import ParetoPoint, pareto_front
 from deploy.summary import build_summary, load_summary
-from mlpruning.errors import UserError
+from mlpruning.core.errors import UserError
 
 GEOMETRY = {"num_layers": 2, "num_heads": 4, "head_dim": 8, "hidden": 32, "intermediate": 64}
 VERSIONS = {"mlpruning": "0.1.0", "torch": "2.13.0+cpu", "transformers": "5.23.0"}
@@ -269,8 +269,8 @@ def test_report_is_self_contained_with_its_pictures(tmp_path):
 
 
 def test_report_command(tmp_path):
-    import mlpruning.cli_deploy  # noqa: F401  (registers the commands)
-    from mlpruning.cli_common import app
+    import mlpruning.cli.deploy_cmds  # noqa: F401  (registers the commands)
+    from mlpruning.cli.common import app
 
     run = make_run(tmp_path / "run", step2=False)
     result = CliRunner().invoke(app, ["report", str(run)])
@@ -286,7 +286,7 @@ def build_real_run(masked: Path, stripped: Path, root: Path, break_pass: bool = 
     ``break_pass`` spoils one weight of the optimized model, as a faulty graph pass would."""
     from deploy.bench import BenchConfig, bench
     from deploy.verify import Tolerance, verify
-    from mlpruning.atomic import write_json
+    from mlpruning.core.atomic import write_json
     from pipeline.export import export_onnx
 
     root.mkdir(parents=True)

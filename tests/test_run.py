@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from deploy import run_layout as L
 from mlpruning.cli import app, main
-from mlpruning.run_config import load_run_config
-from mlpruning.runner import RunState, Stage, content_hash, decide
+from mlpruning.cli.run_config import load_run_config
+from mlpruning.cli.runner import RunState, Stage, content_hash, decide
 from tests.conftest import make_glue_dir, save_tiny
 
 CONFIG = """

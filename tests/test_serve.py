@@ -35,7 +35,7 @@ from deploy.serve import (
     create_app,
     resolve_target,
 )
-from mlpruning.errors import UserError
+from mlpruning.core.errors import UserError
 from tests.conftest import free_port
 
 TEXTS = [

@@ -22,7 +22,7 @@ from graph_passes.linears import find_linears
 from graph_passes.optimize import optimize
 from graph_passes.scatter_cost import Decision, ScatterCost
 from graph_passes.scopes import module_path
-from mlpruning.errors import UserError
+from mlpruning.core.errors import UserError
 from pipeline.export import export_onnx
 from pipeline.pruning.checkpoint import load_masked
 from tests.test_strip_passes import _explicit_head_counts

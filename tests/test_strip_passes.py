@@ -16,7 +16,7 @@ from deploy.random_parity import random_parity
 from graph_passes.linears import find_linears
 from graph_passes.optimize import optimize
 from graph_passes.strip_heads import StripHeadsPass
-from mlpruning.errors import UserError
+from mlpruning.core.errors import UserError
 from pipeline.export import export_onnx
 from pipeline.pruning.checkpoint import load_masked
 

@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from mlpruning.errors import UserError
+from mlpruning.core.errors import UserError
 from pipeline import tasks
 from pipeline.tasks import TASKS, get_task, load_split
 

@@ -20,18 +20,11 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from deploy.triton import (
-    TensorSpec,
-    TritonOptions,
-    export_triton,
-    model_config,
-    parse_pbtxt,
-    read_signature,
-    to_pbtxt,
-)
+from deploy.signature import TensorSpec, read_signature
+from deploy.triton import TritonOptions, export_triton, model_config, parse_pbtxt, to_pbtxt
 from graph_passes.block_sparse import replace_linear
 from graph_passes.linears import LinearSite
-from mlpruning.errors import UserError
+from mlpruning.core.errors import UserError
 from tests.test_cli import assert_one_line_error, run_cli
 
 HIDDEN, VOCAB = 64, 5000  # bench feeds token ids up to 5000

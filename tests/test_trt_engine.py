@@ -18,7 +18,7 @@ import pytest
 from onnx import TensorProto
 
 from deploy.runtime import PROVIDERS, checked_provider
-from deploy.triton import TensorSpec
+from deploy.signature import TensorSpec
 from deploy.trt_engine import (
     BuildOptions,
     Profile,
@@ -29,7 +29,7 @@ from deploy.trt_engine import (
     require_plugin,
     two_four_eligible,
 )
-from mlpruning.errors import UserError
+from mlpruning.core.errors import UserError
 from tests.test_cli import assert_one_line_error, run_cli
 from tests.test_triton import feeds, make_classifier
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from mlpruning.errors import UserError
+from mlpruning.core.errors import UserError
 from pipeline.adapters import Geometry, geometry, layer_linears
 from pipeline.config import BlockPruneConfig
 from pipeline.evaluate import EvalResult

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mlpruning.errors import UserError
+from mlpruning.core.errors import UserError
 from pipeline.adapters import Geometry
 from pipeline.pruning.masks import WIRING, full_shapes
 

@@ -33,10 +33,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from graph_passes.manifest_check import CHECKPOINT_FIX, FORMAT_VERSION, check_masked_manifest
 from mlpruning import __version__
-from mlpruning.errors import UserError
-from mlpruning.jsonfile import read_json
+from mlpruning.core.contract import MANIFEST_FILE, MASKS_FILE, SCORES_FILE
+from mlpruning.core.errors import UserError
+from mlpruning.core.jsonfile import read_json
+from mlpruning.core.manifest import CHECKPOINT_FIX, FORMAT_VERSION, check_masked_manifest
 from pipeline.adapters import Geometry, adapter_for, geometry, layer_linears
 from pipeline.pruning.blocks import (
     MATRICES,
@@ -48,10 +49,6 @@ from pipeline.pruning.blocks import (
 )
 from pipeline.pruning.masks import UNITS, WIRING, full_shapes, mask_sizes, unit_sizes
 from pipeline.pruning.regularizer import counted_ratio, layer_weights
-
-MASKS_FILE = "masks.safetensors"
-MANIFEST_FILE = "pruning.json"
-SCORES_FILE = "scores.safetensors"
 
 
 def masks_to_file_keys(masks: dict[str, torch.Tensor], geo: Geometry) -> dict[str, torch.Tensor]:

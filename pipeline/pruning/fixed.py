@@ -14,14 +14,13 @@ from typing import Any
 
 import torch
 
-from mlpruning.atomic import staging_dir, write_json
+from mlpruning.core.atomic import staging_dir, write_json
+from mlpruning.core.contract import TOKENIZER_FILES
 from pipeline.adapters import Geometry, geometry, layer_linears
 from pipeline.evaluate import METADATA_FILE
 from pipeline.models import embedded_default_dir
 from pipeline.pruning.checkpoint import MANIFEST_FILE, MASKS_FILE, build_manifest, save_masks
 from pipeline.pruning.masks import MaskScores, attach, detach_masks
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 
 
 def random_masks(

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from mlpruning.atomic import staging_dir, write_json
-from mlpruning.errors import UserError
-from mlpruning.jsonfile import read_json
+from mlpruning.core.atomic import staging_dir, write_json
+from mlpruning.core.errors import UserError
+from mlpruning.core.jsonfile import read_json
 from pipeline.adapters import geometry, layer_linears
 from pipeline.batching import collate
 from pipeline.config import PruneConfig

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mlpruning.atomic import write_json
+from mlpruning.core.atomic import write_json
 
 STRUCTURE_JSON = "structure.json"
 STRUCTURE_PNG = "structure.png"

@@ -1,10 +1,4 @@
-"""The ``mlpruning`` command line.
-
-Every subcommand is a plain typed function; heavy imports (torch, transformers) happen inside
-it so ``mlpruning --help`` is instant. A :class:`~mlpruning.errors.UserError` ends the command
-with one line on stderr and exit code 2; a failed check exits 1; an interrupted run exits 130
-after saving its state.
-"""
+"""Training subcommands: tasks, finetune, eval, prune, inspect (registered on the shared app)."""
 
 from __future__ import annotations
 
@@ -15,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from mlpruning.cli_common import (
+from mlpruning.cli.common import (
     DataDirOpt,
     DeviceOpt,
     EpochsOpt,
@@ -30,10 +24,9 @@ from mlpruning.cli_common import (
     app,
     echo_err,
     set_threads,
-    spread_list_flags,
     stderr_console,
 )
-from mlpruning.errors import CheckFailed, UserError
+from mlpruning.core.errors import UserError
 
 
 @app.command()
@@ -144,7 +137,7 @@ def eval_(
     threads: ThreadsOpt = None,
 ) -> None:
     """Evaluate a fine-tuned checkpoint on a task's dev set."""
-    from mlpruning.atomic import write_json
+    from mlpruning.core.atomic import write_json
     from pipeline.evaluate import evaluate_checkpoint
 
     set_threads(threads)
@@ -362,49 +355,3 @@ def inspect(
     _, _, manifest = load_masked(ckpt)
     typer.echo(format_table(structure(manifest)))
     typer.echo("masks and weights agree")
-
-
-# Registered after the training commands so --help lists the stages in pipeline order.
-from mlpruning import cli_onnx  # noqa: E402, F401
-
-from mlpruning import cli_deploy  # noqa: E402, F401  # isort: skip
-from mlpruning import cli_serve  # noqa: E402, F401  # isort: skip
-from mlpruning import cli_engines  # noqa: E402, F401  # isort: skip
-from mlpruning import cli_run  # noqa: E402, F401  # isort: skip
-
-
-def main() -> None:
-    """Console-script entry point: one-line errors, exit 2 for user errors.
-
-    Click's own usage errors (an unknown option, ``--threads 0``) would print a boxed usage
-    panel; outside standalone mode they reach here and get the same one line as a UserError.
-    """
-    try:
-        code = app(args=spread_list_flags(sys.argv[1:]), prog_name="mlpruning", standalone_mode=False)
-    except UserError as exc:
-        echo_err(str(exc))
-        sys.exit(2)
-    except CheckFailed as exc:
-        echo_err(str(exc))
-        sys.exit(1)
-    except typer.Abort:  # Ctrl-C outside a training loop (those save state and exit 130 themselves)
-        echo_err("interrupted")
-        sys.exit(130)
-    except Exception as exc:
-        if not _is_usage_error(exc):
-            raise
-        message = exc.format_message().rstrip(".")  # type: ignore[attr-defined]
-        ctx = getattr(exc, "ctx", None)
-        if message:  # empty after a bare `mlpruning`, which has printed the help already
-            echo_err(f"{message}: see {ctx.command_path if ctx is not None else 'mlpruning'} --help")
-        sys.exit(2)
-    sys.exit(code if isinstance(code, int) else 0)
-
-
-def _is_usage_error(exc: Exception) -> bool:
-    # recent typer raises its vendored copy of click's UsageError, older typer click's own
-    return any(cls.__name__ == "UsageError" for cls in type(exc).__mro__)
-
-
-if __name__ == "__main__":
-    main()

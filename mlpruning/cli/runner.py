@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from deploy import run_layout as L
-from mlpruning.atomic import write_json
-from mlpruning.jsonfile import read_json
-from mlpruning.run_config import RunConfig
+from mlpruning.cli.run_config import RunConfig
+from mlpruning.core.atomic import write_json
+from mlpruning.core.jsonfile import read_json
 
 STATE_FORMAT = 1
 RESUME_DIR = "resume"

@@ -28,7 +28,7 @@ from deploy.verify import Tolerance
 from graph_passes.block_detect import parse_block
 from graph_passes.block_pass import MODES as BLOCK
 from graph_passes.scatter_rows import MODES as SCATTER
-from mlpruning.errors import UserError
+from mlpruning.core.errors import UserError
 from pipeline.config import BlockPruneConfig, FinetuneConfig, PruneConfig, from_mapping, load_toml
 from pipeline.export import EXPORTERS
 

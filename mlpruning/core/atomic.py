@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from mlpruning.errors import UserError
+from mlpruning.core.errors import UserError
 
 
 def _umask() -> int:

@@ -8,9 +8,9 @@ from typing import Annotated
 
 import typer
 
-from mlpruning.atomic import make_writable_dir
-from mlpruning.cli_common import app, echo_err, set_threads, stderr_console
-from mlpruning.errors import UserError
+from mlpruning.cli.common import app, echo_err, set_threads, stderr_console
+from mlpruning.core.atomic import make_writable_dir
+from mlpruning.core.errors import UserError
 
 
 def _stage_names(requested: list[str] | None, known: list[str]) -> set[str]:
@@ -40,9 +40,9 @@ def run_pipeline(
     """Teacher, step 1, step 2, export, optimize, verify, bench and report into one run folder;
     stages whose inputs are unchanged are skipped, so a crashed run restarts where it stopped."""
     from deploy.report import write_report
-    from mlpruning.run_config import load_run_config
-    from mlpruning.run_stages import StageActions, build_stages
-    from mlpruning.runner import RunState, execute
+    from mlpruning.cli.run_config import load_run_config
+    from mlpruning.cli.run_stages import StageActions, build_stages
+    from mlpruning.cli.runner import RunState, execute
     from pipeline.progress import TrainProgress
     from pipeline.trainloop import Interrupted
 

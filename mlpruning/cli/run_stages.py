@@ -1,6 +1,6 @@
 """The stages of `mlpruning run`, each a call into the library the single-stage commands use.
 
-See :mod:`mlpruning.runner` for skipping and restarting. Every action returns a small JSON
+See :mod:`mlpruning.cli.runner` for skipping and restarting. Every action returns a small JSON
 result that ``run.json`` keeps (a metric, a pass/fail); the full outputs are the stage's files.
 """
 
@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from deploy import run_layout as L
-from mlpruning.atomic import write_json
-from mlpruning.run_config import RunConfig
-from mlpruning.runner import Stage
+from mlpruning.cli.run_config import RunConfig
+from mlpruning.cli.runner import Stage
+from mlpruning.core.atomic import write_json
 
 
 class StageActions:

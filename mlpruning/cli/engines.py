@@ -8,9 +8,9 @@ from typing import Annotated
 
 import typer
 
-from mlpruning.cli_common import app, int_list
-from mlpruning.errors import UserError
-from mlpruning.jsonfile import read_json
+from mlpruning.cli.common import app, int_list
+from mlpruning.core.errors import UserError
+from mlpruning.core.jsonfile import read_json
 
 SourceArg = Annotated[
     Path, typer.Argument(help="Run folder (mlpruning run) or a folder with model.onnx / model.plan.")
@@ -75,7 +75,7 @@ def export_triton(
 
 def _max_seq(folder: Path) -> int:
     """512, or less when the model's position table is shorter."""
-    from mlpruning.hf_config import position_limit
+    from mlpruning.core.hf_config import position_limit
 
     return min(512, position_limit(read_json(folder / "config.json", "re-run mlpruning export") or {}))
 

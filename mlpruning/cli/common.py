@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from mlpruning import __version__
-from mlpruning.errors import UserError
+from mlpruning.core.errors import UserError
 
 if TYPE_CHECKING:
     from rich.console import Console

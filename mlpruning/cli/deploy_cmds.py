@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from mlpruning.cli_common import app
-from mlpruning.errors import UserError
+from mlpruning.cli.common import app
+from mlpruning.core.errors import UserError
 
 if TYPE_CHECKING:
     from deploy.gate import GateTolerance
@@ -49,7 +49,7 @@ def compare(
     from deploy.gate import compare as run_gate
     from deploy.gate import format_table, load_baseline, make_baseline
     from deploy.summary import load_summary
-    from mlpruning.atomic import write_json
+    from mlpruning.core.atomic import write_json
 
     start = time.perf_counter()
     if baseline is None and write_baseline is None:

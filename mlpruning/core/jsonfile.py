@@ -2,7 +2,7 @@
 
 Each of these files is input to a later command, and a user can hand that command a truncated,
 hand-edited or foreign file. Every such read goes through :func:`read_json`, so a bad file is a
-one-line :class:`~mlpruning.errors.UserError` that names the file and the fix, never a
+one-line :class:`~mlpruning.core.errors.UserError` that names the file and the fix, never a
 ``JSONDecodeError`` traceback. Torch-free.
 """
 
@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mlpruning.errors import UserError
+from mlpruning.core.errors import UserError
 
 RERUN = "re-run the stage that writes it"
 

@@ -8,9 +8,9 @@ from typing import Annotated
 
 import typer
 
-from mlpruning.cli_common import DataDirOpt, TaskOpt, app, echo_err, int_list
-from mlpruning.errors import UserError
-from mlpruning.jsonfile import read_json
+from mlpruning.cli.common import DataDirOpt, TaskOpt, app, echo_err, int_list
+from mlpruning.core.errors import UserError
+from mlpruning.core.jsonfile import read_json
 
 ProviderOpt = Annotated[
     str, typer.Option("--provider", help="ONNX Runtime provider: cpu, cuda or tensorrt (onnxruntime-gpu).")
@@ -112,7 +112,7 @@ def verify(
     """Check ONNX outputs against PyTorch (per stage) and the dev-set metric; exit 1 on failure."""
     from deploy.verify import Tolerance, dumps, summary_lines
     from deploy.verify import verify as run_verify
-    from mlpruning.atomic import write_text
+    from mlpruning.core.atomic import write_text
 
     if not model_dir.is_dir():
         raise UserError(f"model folder {model_dir} does not exist: check the path")
@@ -171,7 +171,7 @@ def bench(
     """Latency (p50/p90/p99) on a provider or engine, and speedup vs --baseline from interleaved rounds."""
     from deploy.bench import BenchConfig, dumps, format_table
     from deploy.bench import bench as run_bench
-    from mlpruning.atomic import write_text
+    from mlpruning.core.atomic import write_text
 
     try:
         batches, seqs = _int_list(batch or ["1,8"], "--batch"), _int_list(seq or ["128,384"], "--seq")

@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from mlpruning.cli_common import app
-from mlpruning.errors import UserError
+from mlpruning.cli.common import app
+from mlpruning.core.errors import UserError
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 

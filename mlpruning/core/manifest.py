@@ -24,14 +24,13 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from mlpruning.errors import UserError
-from pipeline.adapters import Geometry
+from mlpruning.core.contract import LINEARS, Geometry
+from mlpruning.core.errors import UserError
 
 FORMAT_VERSION = 2  # the format build_manifest writes; readers refuse newer files
 CHECKPOINT_FIX = "the checkpoint is corrupt, re-run mlpruning prune"
 EXPORT_FIX = "re-run mlpruning export"
 STEPS = ("head_row", "block")
-LINEARS = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")
 GEOMETRY_KEYS = tuple(f.name for f in fields(Geometry))
 # per-layer index lists and the geometry entry that bounds them
 INDEX_LISTS = {

@@ -1,0 +1,114 @@
+"""The artifact contract between stages: file names, tokenizer files, the prunable linears, the
+architecture families and the variant names. One definition each; every stage imports them here.
+
+Folders written by the pipeline (see ``docs/formats.md``):
+
+- a checkpoint (``finetune``, ``prune``): an HF model folder plus ``eval.json``; a masked
+  checkpoint adds ``masks.safetensors``, ``pruning.json`` (the manifest, :mod:`.manifest`) and,
+  from step 1, ``scores.safetensors``;
+- an export (``export``): ``model.onnx``, ``pruning.json``, ``export.json``, config and
+  tokenizer files;
+- an optimized folder (``optimize``): the same with the rewritten ``model.onnx`` and
+  ``optimize.json``; an engine folder (``build``) adds ``model.plan`` and ``engine.json``.
+
+Architecture families: MLPruning prunes six linears per encoder layer, the query, key and value
+projections (one head mask), the attention output O, FFN-in and FFN-out. Hugging Face names
+them per family; a family records the names once, relative to the base model, so a bare
+encoder and any task head on top of it, and any ONNX graph of them, are read the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ONNX_FILE = "model.onnx"
+PLAN_FILE = "model.plan"
+CONFIG_FILE = "config.json"
+MANIFEST_FILE = "pruning.json"
+MASKS_FILE = "masks.safetensors"
+SCORES_FILE = "scores.safetensors"
+EVAL_FILE = "eval.json"
+EXPORT_REPORT = "export.json"
+OPTIMIZE_REPORT = "optimize.json"
+ENGINE_REPORT = "engine.json"
+
+# what a model folder carries for its tokenizer to load (those present are copied from stage to
+# stage): fast tokenizer, configs, WordPiece vocabulary, BPE vocabulary and merges (RoBERTa)
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+)
+# at least one of these holds the vocabulary itself (WordPiece, BPE, SentencePiece)
+VOCAB_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
+
+LINEARS = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")
+VARIANTS = ("dense", "step1", "step2")  # a run's models, in pipeline order
+
+
+@dataclass(frozen=True)
+class Family:
+    """Module paths of one encoder family, relative to the base model (``model.base_model``)."""
+
+    family: str
+    model_types: tuple[str, ...]
+    layers: str
+    query: str
+    key: str
+    value: str
+    attn_out: str
+    ffn_in: str
+    ffn_out: str
+
+    def linear_paths(self) -> dict[str, str]:
+        return {name: getattr(self, name) for name in LINEARS}
+
+
+_BERT_LIKE = dict(
+    layers="encoder.layer",
+    query="attention.self.query",
+    key="attention.self.key",
+    value="attention.self.value",
+    attn_out="attention.output.dense",
+    ffn_in="intermediate.dense",
+    ffn_out="output.dense",
+)
+
+FAMILIES: tuple[Family, ...] = (
+    Family("bert", ("bert",), **_BERT_LIKE),
+    Family("roberta", ("roberta", "xlm-roberta", "camembert"), **_BERT_LIKE),
+    Family(
+        "distilbert",
+        ("distilbert",),
+        layers="transformer.layer",
+        query="attention.q_lin",
+        key="attention.k_lin",
+        value="attention.v_lin",
+        attn_out="attention.out_lin",
+        ffn_in="ffn.lin1",
+        ffn_out="ffn.lin2",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Shapes of an encoder: read from the modules (pipeline) or the graph (graph_passes)."""
+
+    num_layers: int
+    num_heads: int
+    head_dim: int
+    hidden: int
+    intermediate: int
+
+
+def supported_model_types() -> list[str]:
+    return sorted(t for f in FAMILIES for t in f.model_types)
+
+
+def family_for(model_type: str | None) -> Family | None:
+    """The family of an HF ``model_type``, or None."""
+    return next((f for f in FAMILIES if model_type in f.model_types), None)
