@@ -1,7 +1,8 @@
 """Run the graph passes over an exported model folder and write the optimized folder.
 
-Order: strip heads, strip rows, block-sparse linears (from the manifest's block masks, or
-all-zero blocks found in the weights), scatter output rows. The manifest is the
+The passes and their order are the registry's (:mod:`graph_passes.registry`): strip heads, strip
+rows, block-sparse linears (from the manifest's block masks, or all-zero blocks found in the
+weights), scatter output rows; they run through onnx_ir's ``PassManager``. The manifest is the
 folder's ``pruning.json`` or, for models pruned elsewhere, one detected from the weight zeros
 (:mod:`graph_passes.detect`). After every pass the model is serialized and must pass
 ``onnx.checker`` with full shape inference; a failure names the pass. The report (also written
@@ -26,14 +27,10 @@ import onnx_ir.external_data
 import onnx_ir.passes.common
 from google.protobuf.message import DecodeError
 
-from graph_passes.block_detect import parse_block
-from graph_passes.block_pass import BlockSparsePass
 from graph_passes.detect import DETECTED_KIND, detect_manifest
 from graph_passes.ort_fusion import fuse_if_faster
+from graph_passes.registry import OptimizeOptions, build_passes
 from graph_passes.run_check import Reference, RunCheckFailed, limits_of
-from graph_passes.scatter_rows import ScatterRowsPass
-from graph_passes.strip_heads import StripHeadsPass
-from graph_passes.strip_rows import StripRowsPass
 from mlpruning.core.atomic import staging_dir, write_json
 from mlpruning.core.contract import (
     CONFIG_FILE,
@@ -43,7 +40,7 @@ from mlpruning.core.contract import (
     OPTIMIZE_REPORT,
     TOKENIZER_FILES,
 )
-from mlpruning.core.errors import UserError
+from mlpruning.core.errors import CheckFailed, UserError
 from mlpruning.core.jsonfile import read_json
 from mlpruning.core.manifest import EXPORT_FIX, check_export_manifest
 
@@ -78,6 +75,52 @@ def _ran(reference: Reference, model: Path | bytes, after: str) -> dict[str, Any
         raise RunCheckFailed(f"optimize wrote nothing: after {after}, {exc}; {fix}") from None
 
 
+class CheckedPass(ir.passes.InPlacePass):
+    """A registered pass whose postcondition is the checker and, if it changed the model, a run.
+
+    ``call`` runs the pass and drops the nodes its rewrites left without users; ``ensures``
+    serializes the model through ``onnx.checker`` (full shape inference) and, when the pass
+    changed anything, runs it against the input model (:class:`Reference`).
+    """
+
+    def __init__(self, name: str, inner: ir.passes.InPlacePass, reference: Reference) -> None:
+        super().__init__()
+        self.name, self.inner, self.reference = name, inner, reference
+        self._modified = False
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self._modified = self.inner(model).modified
+        ir.passes.common.RemoveUnusedNodesPass()(model)  # Identity nodes a rewrite bypassed
+        return ir.passes.PassResult(model, modified=self._modified)
+
+    def ensures(self, model: ir.Model) -> None:
+        serialized = _check(model, self.name)
+        if self._modified:
+            _ran(self.reference, serialized, self.name)
+
+
+def _first_cause(exc: BaseException) -> BaseException:
+    """The UserError or CheckFailed under onnx_ir's PassError / PostconditionError wrappers."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, UserError | CheckFailed):
+            return cause
+        cause = cause.__cause__
+    return exc
+
+
+def run_passes(model: ir.Model, passes: list[tuple[str, Any]], reference: Reference) -> None:
+    """Every pass through onnx_ir's PassManager, each checked; one-line errors come out unwrapped."""
+    manager = ir.passes.PassManager([CheckedPass(name, p, reference) for name, p in passes])
+    try:
+        manager(model)
+    except (ir.passes.PassError, ir.passes.PostconditionError) as exc:
+        root = _first_cause(exc)
+        if root is exc:
+            raise
+        raise root from None
+
+
 def read_folder(folder: Path, num_heads: int | None = None) -> tuple[ir.Model, dict[str, Any]]:
     """The model (weights in memory) and its manifest: ``pruning.json``, else detected from zeros."""
     if not (folder / ONNX_FILE).is_file():
@@ -105,50 +148,32 @@ def read_folder(folder: Path, num_heads: int | None = None) -> tuple[ir.Model, d
 
 
 def optimize(
-    folder: Path,
-    out: Path,
-    num_heads: int | None = None,
-    scatter_rows: str = "auto",
-    ort_fusion: bool = False,
-    block_sparse: str = "auto",
-    block: str = "auto",
+    folder: Path, out: Path, options: OptimizeOptions | None = None, **fields: Any
 ) -> dict[str, Any]:
-    """Strip heads and rows of ``folder/model.onnx`` into ``out``; returns the report.
+    """Run the registered passes over ``folder/model.onnx`` into ``out``; returns the report.
 
-    Without ``pruning.json`` in ``folder`` the manifest is detected from the weight zeros (and
-    written to ``out`` so later stages read the same one); ``num_heads`` helps when the folder
-    has no ``config.json`` either. ``scatter_rows``: auto, dense or scatter (see scatter_rows).
-    ``ort_fusion``: try ONNX Runtime's transformer fusions and keep them if faster (ort_fusion).
-    ``block_sparse``: auto, dense or sparse for block-pruned matrices (see block_pass).
-    ``block``: auto, none or ``BxB``: search the weights for all-zero blocks (see block_detect).
+    ``options`` (or its fields as keywords): see :class:`OptimizeOptions`. Without
+    ``pruning.json`` in ``folder`` the manifest is detected from the weight zeros (and written
+    to ``out`` so later stages read the same one); ``num_heads`` helps when the folder has no
+    ``config.json`` either.
 
     Every pass that changed the model is followed by a run in ONNX Runtime against the input
     model (:mod:`graph_passes.run_check`), and so is the written file before it is moved into
     ``out``: a model that does not load, run or match is never written.
     """
-    search = parse_block(block)
-    model, manifest = read_folder(folder, num_heads)
-    config = read_json(folder / "config.json", EXPORT_FIX)
+    opts = options or OptimizeOptions(**fields)
+    model, manifest = read_folder(folder, opts.num_heads)
+    config = read_json(folder / CONFIG_FILE, EXPORT_FIX)
     reference = Reference.of(folder / ONNX_FILE, limits_of(model, config))
-    passes = [
-        StripHeadsPass(manifest),
-        StripRowsPass(manifest),
-        BlockSparsePass(manifest, block_sparse, search=search),
-        ScatterRowsPass(manifest, scatter_rows),
-    ]
-    for p in passes:
-        result = p(model)
-        ir.passes.common.RemoveUnusedNodesPass()(model)  # Identity nodes a rewrite bypassed
-        serialized = _check(model, p.report.name)
-        if result.modified:
-            _ran(reference, serialized, p.report.name)
+    passes = build_passes(manifest, opts)
+    run_passes(model, passes, reference)
     report = {
         "source": str(folder),
         "manifest": manifest.get("kind", "masked"),
-        "passes": [p.report.to_json() for p in passes],
+        "passes": [p.report.to_json() for _, p in passes],
     }
     fused = None
-    if ort_fusion:
+    if opts.ort_fusion:
         proto, report["ort_fusion"] = fuse_if_faster(ir.serde.serialize_model(model))
         fused = proto if report["ort_fusion"]["kept"] else None
     with staging_dir(out) as tmp:

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import onnx_ir as ir
+import onnxruntime as ort
 import pytest
 
 from deploy.verify import Tolerance, compare, verify
@@ -76,3 +77,48 @@ def test_broken_pass_fails_and_points_at_its_stage(masked, stripped, tmp_path):
         str(stripped / "onnx"),
     )
     assert proc.returncode == 1 and proc.stdout.strip().splitlines()[-1] == "FAILED"
+
+
+def test_agreement_and_metric_drop_bounds_decide_and_are_printed(masked, stripped, tmp_path):
+    """A lower-precision stand-in (weights perturbed) passes only on stated bounds."""
+    import dataclasses
+
+    from deploy.verify import summary_lines
+    from pipeline.batching import collate, encode
+    from pipeline.models import load_tokenizer
+    from pipeline.tasks import get_task, load_split
+
+    variant = tmp_path / "variant"
+    optimize(stripped / "onnx", variant)
+    encoded = encode(
+        load_tokenizer(str(masked / "masked")), load_split(get_task("sst2"), "dev", masked / "glue"), 128
+    )
+    session = ort.InferenceSession(str(variant / "model.onnx"), providers=["CPUExecutionProvider"])
+    batch = collate(encoded, np.arange(len(encoded)))
+    logits = session.run(None, {i.name: batch[i.name].numpy() for i in session.get_inputs()})[0]
+    model = ir.load(variant / "model.onnx")
+    classifier = next(n for n in model.graph if n.outputs[0].name == "logits")
+    bias = classifier.inputs[-1]  # Gemm(x, W, b)
+    shifted = bias.const_value.numpy().copy()
+    shifted[1] += float(np.median(logits[:, 0] - logits[:, 1]))  # about half the predictions flip
+    replace_tensor(bias, shifted)
+    ir.save(model, variant / "model.onnx")
+    loose = Tolerance(atol=1e3, rtol=1e3)  # element-wise: anything; the dev-set checks decide
+    report = verify([variant], masked / "masked", None, masked / "glue", loose)
+    metric = report["metric"]
+    assert 0 < metric["agreement"] < 1 and metric["failed_checks"] == ["agreement"] and not report["passed"]
+    assert metric["metric_drop"] == pytest.approx(metric["pytorch"]["accuracy"] - metric["onnx"]["accuracy"])
+    flipped = metric["examples"] - metric["identical_predictions"]
+    line = summary_lines(report)[-1]
+    assert line.startswith("FAIL") and "(needs >= 100.0%)" in line and "(failed: agreement)" in line
+    assert f"agreement {metric['examples'] - flipped}/{metric['examples']}" in line
+
+    stated = dataclasses.replace(loose, min_agreement=metric["agreement"], max_metric_drop=1.0)
+    report = verify([variant], masked / "masked", None, masked / "glue", stated)
+    assert report["passed"] and report["metric"]["failed_checks"] == []
+    strict_drop = dataclasses.replace(stated, max_metric_drop=max(0.0, metric["metric_drop"]) / 2)
+    if metric["metric_drop"] > 0:
+        report = verify([variant], masked / "masked", None, masked / "glue", strict_drop)
+        assert report["metric"]["failed_checks"] == ["metric_drop"]
+    with pytest.raises(ValueError, match="min_agreement must be in"):
+        Tolerance(min_agreement=1.5)

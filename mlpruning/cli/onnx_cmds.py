@@ -71,22 +71,19 @@ def optimize(
     ] = "auto",
 ) -> None:
     """Physically strip pruned heads, FFN rows and zero blocks from an exported model (torch-free passes)."""
-    from graph_passes.block_detect import parse_block
-    from graph_passes.block_pass import MODES as BLOCK_MODES
     from graph_passes.optimize import optimize as run_passes
-    from graph_passes.scatter_rows import MODES as SCATTER_MODES
+    from graph_passes.registry import OptimizeOptions
 
     if not model_dir.is_dir():
         raise UserError(f"model folder {model_dir} does not exist: check the path")
-    if scatter_rows not in SCATTER_MODES:
-        raise UserError(f"--scatter-rows {scatter_rows}: use one of {', '.join(SCATTER_MODES)}")
-    if block_sparse not in BLOCK_MODES:
-        raise UserError(f"--block-sparse {block_sparse}: use one of {', '.join(BLOCK_MODES)}")
     try:
-        parse_block(block)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
-    report = run_passes(model_dir, out, num_heads, scatter_rows, ort_fusion, block_sparse, block)
+        options = OptimizeOptions(num_heads, scatter_rows, block_sparse, block, ort_fusion)
+    except ValueError as exc:  # the message names the field: name the flag instead
+        message = str(exc)
+        for field in ("scatter_rows", "block_sparse", "num_heads"):
+            message = message.replace(field, "--" + field.replace("_", "-"))
+        raise UserError(message) from None
+    report = run_passes(model_dir, out, options)
     typer.echo(json.dumps({"out": str(out), **report}, indent=2))
 
 
@@ -104,6 +101,13 @@ def verify(
     ] = None,
     atol: Annotated[float, typer.Option(help="Absolute tolerance.")] = 1e-4,
     rtol: Annotated[float, typer.Option(help="Relative tolerance.")] = 1e-3,
+    min_agreement: Annotated[
+        float, typer.Option(help="Share of dev predictions that must agree with PyTorch (0-1).")
+    ] = 1.0,
+    max_metric_drop: Annotated[
+        float | None,
+        typer.Option(help="Largest drop of the main metric below PyTorch's, in its units (0.01 = 1 point)."),
+    ] = None,
     data_dir: DataDirOpt = None,
     report: Annotated[Path | None, typer.Option("--report", help="Write the JSON report here.")] = None,
     provider: ProviderOpt = "cpu",
@@ -120,7 +124,7 @@ def verify(
     if engine and not stage and (model_dir / "model.onnx").is_file():
         stages.append(model_dir)  # the engine's own ONNX as a stage: a gap then points at the build
     try:
-        tol = Tolerance(atol, rtol)
+        tol = Tolerance(atol, rtol, min_agreement, max_metric_drop)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     result = run_verify([*stages, model_dir], reference, task, data_dir, tol, 0, provider, engine)

@@ -6,8 +6,8 @@
     [step1]      PruneConfig fields except task and teacher (the run's teacher)
     [step2]      optional: BlockPruneConfig fields except source (the run's step 1)
     [export]     exporter, opset
-    [optimize]   scatter_rows, block_sparse, ort_fusion, block
-    [verify]     atol, rtol
+    [optimize]   OptimizeOptions fields: scatter_rows, block_sparse, block, ort_fusion
+    [verify]     atol, rtol, min_agreement, max_metric_drop
     [bench]      batches, seqs, threads, rounds, iters
 
 Every table is turned into the same frozen config class the single-stage command uses, so
@@ -25,9 +25,7 @@ from typing import Any
 from deploy import run_layout as L
 from deploy.bench import BenchConfig
 from deploy.verify import Tolerance
-from graph_passes.block_detect import parse_block
-from graph_passes.block_pass import MODES as BLOCK
-from graph_passes.scatter_rows import MODES as SCATTER
+from graph_passes.registry import OptimizeOptions
 from mlpruning.core.errors import UserError
 from pipeline.config import BlockPruneConfig, FinetuneConfig, PruneConfig, from_mapping, load_toml
 from pipeline.export import EXPORTERS
@@ -48,21 +46,6 @@ class ExportSettings:
 
 
 @dataclass(frozen=True)
-class OptimizeSettings:
-    scatter_rows: str = "auto"
-    block_sparse: str = "auto"
-    ort_fusion: bool = False
-    block: str = "auto"  # search the weights for zero blocks: auto, none, N or RxC
-
-    def __post_init__(self) -> None:
-        if self.scatter_rows not in SCATTER:
-            raise ValueError(f"scatter_rows must be one of {', '.join(SCATTER)}, got {self.scatter_rows!r}")
-        if self.block_sparse not in BLOCK:
-            raise ValueError(f"block_sparse must be one of {', '.join(BLOCK)}, got {self.block_sparse!r}")
-        parse_block(self.block)
-
-
-@dataclass(frozen=True)
 class RunConfig:
     """The whole pipeline of one run folder."""
 
@@ -73,7 +56,7 @@ class RunConfig:
     step1: PruneConfig
     step2: BlockPruneConfig | None
     export: ExportSettings
-    optimize: OptimizeSettings
+    optimize: OptimizeOptions
     verify: Tolerance
     bench: BenchConfig
 
@@ -147,7 +130,7 @@ def load_run_config(path: Path, run_dir: Path) -> RunConfig:
         step1=step1,
         step2=step2,
         export=from_mapping(ExportSettings, _table(data, "export"), f"{src} [export]"),
-        optimize=from_mapping(OptimizeSettings, _table(data, "optimize"), f"{src} [optimize]"),
+        optimize=from_mapping(OptimizeOptions, _table(data, "optimize"), f"{src} [optimize]"),
         verify=from_mapping(Tolerance, _table(data, "verify"), f"{src} [verify]"),
         bench=_bench(_table(data, "bench"), src),
     )

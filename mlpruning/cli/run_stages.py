@@ -62,7 +62,7 @@ class StageActions:
 
         s = self.cfg.optimize
         src, out = L.onnx_dir(self.run, variant), L.opt_dir(self.run, variant)
-        report = optimize(src, out, None, s.scatter_rows, s.ort_fusion, s.block_sparse, s.block)
+        report = optimize(src, out, s)
         return {"passes": [p.get("name") for p in report["passes"]]}
 
     def verify(self, variant: str, resume: bool) -> dict[str, Any]:
