@@ -77,7 +77,7 @@ _BERT_LIKE = dict(
     ffn_out="output.dense",
 )
 
-FAMILIES: tuple[Family, ...] = (
+FAMILIES: list[Family] = [
     Family("bert", ("bert",), **_BERT_LIKE),
     Family("roberta", ("roberta", "xlm-roberta", "camembert"), **_BERT_LIKE),
     Family(
@@ -91,7 +91,15 @@ FAMILIES: tuple[Family, ...] = (
         ffn_in="ffn.lin1",
         ffn_out="ffn.lin2",
     ),
-)
+]
+
+
+def register_family(family: Family) -> None:
+    """Add an encoder family (its module paths): PyTorch adapters and ONNX detection both read it."""
+    taken = {t for f in FAMILIES for t in f.model_types}
+    if family.family in {f.family for f in FAMILIES} or taken & set(family.model_types):
+        raise ValueError(f"family {family.family!r} or one of its model types is registered already")
+    FAMILIES.append(family)
 
 
 @dataclass(frozen=True)
