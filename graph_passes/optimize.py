@@ -42,7 +42,7 @@ from mlpruning.core.contract import (
 )
 from mlpruning.core.errors import CheckFailed, UserError
 from mlpruning.core.jsonfile import read_json
-from mlpruning.core.manifest import EXPORT_FIX, check_export_manifest
+from mlpruning.core.manifest import EXPORT_FIX, read_manifest, write_manifest
 
 REPORT_FILE = OPTIMIZE_REPORT
 _CARRIED = (MANIFEST_FILE, EXPORT_REPORT, CONFIG_FILE, *TOKENIZER_FILES)
@@ -142,8 +142,7 @@ def read_folder(folder: Path, num_heads: int | None = None) -> tuple[ir.Model, d
         config_path = folder / "config.json"
         config = read_json(config_path, EXPORT_FIX)
         return model, detect_manifest(model, config, num_heads)
-    manifest = read_json(folder / MANIFEST_FILE, EXPORT_FIX) or {}
-    check_export_manifest(manifest, folder / MANIFEST_FILE)
+    manifest = read_manifest(folder / MANIFEST_FILE, "export")
     return model, manifest
 
 
@@ -187,6 +186,6 @@ def optimize(
             if (folder / name).is_file():
                 shutil.copy(folder / name, tmp / name)
         if manifest.get("kind") == DETECTED_KIND:
-            write_json(tmp / MANIFEST_FILE, manifest)
+            write_manifest(tmp / MANIFEST_FILE, manifest, "export")
     write_json(out / REPORT_FILE, report)
     return report

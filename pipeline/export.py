@@ -35,6 +35,7 @@ from mlpruning import __version__
 from mlpruning.core.atomic import staging_dir, write_json
 from mlpruning.core.contract import EXPORT_REPORT, ONNX_FILE
 from mlpruning.core.errors import UserError
+from mlpruning.core.manifest import write_manifest
 from pipeline.adapters import geometry
 from pipeline.evaluate import read_metadata
 from pipeline.models import load_for_task, load_tokenizer, quiet_transformers
@@ -156,7 +157,7 @@ def export_onnx(ckpt: Path, out: Path, opset: int = 17, exporter: str = "torchsc
             "torch": torch.__version__,
             "onnxruntime": ort.__version__,
         }
-        write_json(tmp / MANIFEST_FILE, manifest)
+        write_manifest(tmp / MANIFEST_FILE, manifest, "export")
         model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if (ckpt / "eval.json").is_file():

@@ -1,4 +1,4 @@
-"""Checking a pruning manifest (``pruning.json``) once, where it is read.
+"""The pruning manifest (``pruning.json``): its one reader, its one writer, and their checks.
 
 The manifest is input to later commands, and a user can hand them a hand-edited, truncated or
 foreign one. Its readers index it freely (``manifest["layers"][i]["heads_kept"]``), so a missing
@@ -11,7 +11,9 @@ a summary table or a graph pass. Both sides of the pipeline check it here, again
 - :func:`check_export_manifest`: an exported ONNX folder's manifest, as far as the graph passes
   read it (a ``detected`` manifest has no task, step or ratio).
 
-A problem is one UserError ``<path>: <what is wrong>: <fix>``. Torch-free, like graph_passes.
+:func:`read_manifest` reads, back-fills older formats and checks; :func:`write_manifest` checks
+what it writes the same way. A problem is one UserError ``<path>: <what is wrong>: <fix>``.
+The format is specified in ``docs/formats.md``.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from mlpruning.core.atomic import write_json
 from mlpruning.core.contract import LINEARS, Geometry
 from mlpruning.core.errors import UserError
+from mlpruning.core.jsonfile import read_json
 
 FORMAT_VERSION = 2  # the format build_manifest writes; readers refuse newer files
 CHECKPOINT_FIX = "the checkpoint is corrupt, re-run mlpruning prune"
@@ -225,3 +229,33 @@ def check_export_manifest(manifest: dict[str, Any], path: Path) -> None:
         if manifest.get("block"):  # the block pass reads block entries only then
             _pair(manifest["block"], "block", 1)
         _layers(manifest, _geometry(manifest), ("heads_kept", "ffn_rows_kept_indices"))
+
+
+def _backfill(manifest: dict[str, Any]) -> dict[str, Any]:
+    """Format 1 (step 1 only) lacks the step-2 keys: they read as a step-1 manifest."""
+    manifest.setdefault("step", "head_row")
+    manifest.setdefault("block", None)
+    manifest.setdefault("row_balanced", False)
+    return manifest
+
+
+def read_manifest(path: Path, kind: str) -> dict[str, Any]:
+    """The one reader of ``pruning.json``: a ``checkpoint``'s or an ``export``'s, back-filled and checked.
+
+    A missing, corrupt, newer-format or malformed file is one UserError naming the fix.
+    """
+    fix = CHECKPOINT_FIX if kind == "checkpoint" else EXPORT_FIX
+    manifest = read_json(path, fix)
+    if manifest is None:
+        raise UserError(f"{path} is missing: {fix}")
+    if kind == "checkpoint":
+        check_masked_manifest(_backfill(manifest), path)
+    else:
+        check_export_manifest(manifest, path)
+    return manifest
+
+
+def write_manifest(path: Path, manifest: dict[str, Any], kind: str) -> None:
+    """The one writer: checks ``manifest`` as its reader will, then writes it atomically."""
+    (check_masked_manifest if kind == "checkpoint" else check_export_manifest)(manifest, path)
+    write_json(path, manifest)

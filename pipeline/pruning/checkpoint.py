@@ -36,8 +36,8 @@ from safetensors.torch import load_file, save_file
 from mlpruning import __version__
 from mlpruning.core.contract import MANIFEST_FILE, MASKS_FILE, SCORES_FILE
 from mlpruning.core.errors import UserError
-from mlpruning.core.jsonfile import read_json
-from mlpruning.core.manifest import CHECKPOINT_FIX, FORMAT_VERSION, check_masked_manifest
+from mlpruning.core.manifest import CHECKPOINT_FIX, FORMAT_VERSION
+from mlpruning.core.manifest import read_manifest as read_manifest_file
 from pipeline.adapters import Geometry, adapter_for, geometry, layer_linears
 from pipeline.pruning.blocks import (
     MATRICES,
@@ -160,18 +160,13 @@ def save_masks(path: Path, masks: dict[str, torch.Tensor], geo: Geometry) -> Non
 
 
 def read_manifest(ckpt: Path) -> dict[str, Any]:
+    """The checkpoint's manifest through the one reader (older formats back-filled, checked)."""
     path = ckpt / MANIFEST_FILE
     if not path.is_file():
         raise UserError(
             f"{ckpt} is not a masked checkpoint (no {MANIFEST_FILE}): pass the output of mlpruning prune"
         )
-    manifest = read_json(path, CHECKPOINT_FIX) or {}
-    # format 1 (step 1 only) lacks the step-2 keys
-    manifest.setdefault("step", "head_row")
-    manifest.setdefault("block", None)
-    manifest.setdefault("row_balanced", False)
-    check_masked_manifest(manifest, path)
-    return manifest
+    return read_manifest_file(path, "checkpoint")
 
 
 def read_masks(ckpt: Path) -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ import torch
 
 from mlpruning.core.atomic import staging_dir, write_json
 from mlpruning.core.contract import TOKENIZER_FILES
+from mlpruning.core.manifest import write_manifest
 from pipeline.adapters import Geometry, geometry, layer_linears
 from pipeline.evaluate import METADATA_FILE
 from pipeline.models import embedded_default_dir
@@ -71,6 +72,6 @@ def write_masked(
             if src.exists():
                 (tmp / name).write_bytes(src.read_bytes())
         save_masks(tmp / MASKS_FILE, masks, geo)
-        write_json(tmp / MANIFEST_FILE, manifest)
+        write_manifest(tmp / MANIFEST_FILE, manifest, "checkpoint")
         write_json(tmp / METADATA_FILE, {"task": task, "kind": "masked"})
     return manifest

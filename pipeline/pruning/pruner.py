@@ -26,6 +26,7 @@ from torch import nn
 from mlpruning.core.atomic import staging_dir, write_json
 from mlpruning.core.errors import UserError
 from mlpruning.core.jsonfile import read_json
+from mlpruning.core.manifest import write_manifest
 from pipeline.adapters import geometry, layer_linears
 from pipeline.batching import collate
 from pipeline.config import PruneConfig
@@ -189,7 +190,7 @@ class DistilledPruning(TrainLoop):
             save_masks(tmp / MASKS_FILE, masks, geo)
             if isinstance(self.scores, MaskScores):  # step 2 revives rows by these
                 save_scores(tmp / SCORES_FILE, dict(self.scores.scores), geo)
-            write_json(tmp / MANIFEST_FILE, manifest)
+            write_manifest(tmp / MANIFEST_FILE, manifest, "checkpoint")
             write_json(
                 tmp / METADATA_FILE, {"task": self.task.name, "kind": "masked", "config": self.cfg.to_dict()}
             )
