@@ -134,7 +134,10 @@ def test_cli_prints_one_line_and_exits_2(tmp_path, monkeypatch, capsys, command,
     argv += [str(config)] if command == "run" else ["--config", str(config)]
     monkeypatch.setattr(sys, "argv", argv)
     # should a bad value get through, fail here instead of training a model
-    for module, name in (("mlpruning.cli.run_stages", "build_stages"), ("mlpruning.cli.training", "_run_finetune")):
+    for module, name in (
+        ("mlpruning.cli.run_stages", "build_stages"),
+        ("mlpruning.cli.training", "_run_finetune"),
+    ):
         monkeypatch.setattr(f"{module}.{name}", _no_training)
     with pytest.raises(SystemExit) as exit_info:
         main()
