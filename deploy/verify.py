@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from deploy.runners import model_label, open_model, runtime_name
+from mlpruning.core.tolerance import beyond_tolerance
 
 
 @dataclass(frozen=True)
@@ -60,10 +61,8 @@ class Tolerance:
 
 
 def compare(got: np.ndarray, want: np.ndarray, tol: Tolerance) -> dict[str, Any]:
-    diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
+    diff, failing = beyond_tolerance(got, want, tol.atol, tol.rtol)
     rel = diff / np.maximum(np.abs(want), 1e-12)
-    # a NaN or inf output fails: comparisons with NaN are False, so it would pass unnoticed
-    failing = ((diff > tol.atol) & (diff > tol.rtol * np.abs(want))) | ~np.isfinite(diff)
     # smallest atol that passes every element at this rtol
     needed_atol = float(np.max(np.where(diff > tol.rtol * np.abs(want), diff, 0.0)))
     # smallest rtol that passes every element at this atol
@@ -171,9 +170,8 @@ def _agreeing(want: np.ndarray, got: np.ndarray, regression: bool, tol: Toleranc
     if not regression:
         return int((want.argmax(-1) == got.argmax(-1)).sum())
     want, got = want.reshape(len(want), -1), got.reshape(len(got), -1)
-    diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
-    close = ~((diff > tol.atol) & (diff > tol.rtol * np.abs(want))) & np.isfinite(diff)
-    return int(close.all(axis=1).sum())
+    _, failing = beyond_tolerance(got, want, tol.atol, tol.rtol)
+    return int((~failing).all(axis=1).sum())
 
 
 def verify(

@@ -121,8 +121,11 @@ def run_passes(model: ir.Model, passes: list[tuple[str, Any]], reference: Refere
         raise root from None
 
 
-def read_folder(folder: Path, num_heads: int | None = None) -> tuple[ir.Model, dict[str, Any]]:
-    """The model (weights in memory) and its manifest: ``pruning.json``, else detected from zeros."""
+def read_folder(
+    folder: Path, num_heads: int | None = None
+) -> tuple[ir.Model, dict[str, Any], dict[str, Any] | None]:
+    """The model (weights in memory), its manifest (``pruning.json``, else detected from zeros)
+    and ``config.json`` (None when the folder has none)."""
     if not (folder / ONNX_FILE).is_file():
         raise UserError(f"{folder} has no {ONNX_FILE}: pass the output of mlpruning export")
     if (folder / REPORT_FILE).is_file():
@@ -138,12 +141,10 @@ def read_folder(folder: Path, num_heads: int | None = None) -> tuple[ir.Model, d
         raise UserError(f"{folder / ONNX_FILE} has no graph inputs or outputs: {EXPORT_FIX}")
     # weights exported as external data (dynamo's default) come into memory: passes slice them
     model = ir.external_data.load_to_model(model)
+    config = read_json(folder / CONFIG_FILE, EXPORT_FIX)
     if not (folder / MANIFEST_FILE).is_file():
-        config_path = folder / "config.json"
-        config = read_json(config_path, EXPORT_FIX)
-        return model, detect_manifest(model, config, num_heads)
-    manifest = read_manifest(folder / MANIFEST_FILE, "export")
-    return model, manifest
+        return model, detect_manifest(model, config, num_heads), config
+    return model, read_manifest(folder / MANIFEST_FILE, "export"), config
 
 
 def optimize(
@@ -161,8 +162,7 @@ def optimize(
     ``out``: a model that does not load, run or match is never written.
     """
     opts = options or OptimizeOptions(**fields)
-    model, manifest = read_folder(folder, opts.num_heads)
-    config = read_json(folder / CONFIG_FILE, EXPORT_FIX)
+    model, manifest, config = read_folder(folder, opts.num_heads)
     reference = Reference.of(folder / ONNX_FILE, limits_of(model, config))
     passes = build_passes(manifest, opts)
     run_passes(model, passes, reference)

@@ -23,8 +23,10 @@ from typing import Any
 
 import numpy as np
 
+from graph_passes.ort_fusion import session
 from mlpruning.core.errors import CheckFailed, UserError, first_line
 from mlpruning.core.hf_config import position_limit
+from mlpruning.core.tolerance import beyond_tolerance
 
 SHAPES = ((1, 7), (2, 16), (3, 33))
 ATOL, RTOL = 1e-4, 1e-3  # verify's defaults
@@ -44,8 +46,6 @@ class Limits:
 
 
 def _session(model: Path | bytes) -> Any:
-    from graph_passes.ort_fusion import session
-
     return session(model if isinstance(model, bytes) else Path(model), quiet=True)
 
 
@@ -94,8 +94,7 @@ def compare(want: np.ndarray, got: np.ndarray, atol: float = ATOL, rtol: float =
     if want.dtype.kind not in "fc":
         wrong = int((want != got).sum())
         return (float(wrong > 0), wrong)
-    diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
-    failing = ((diff > atol) & (diff > rtol * np.abs(want))) | ~np.isfinite(diff)
+    diff, failing = beyond_tolerance(got, want, atol, rtol)
     return float(diff.max()) if diff.size else 0.0, int(failing.sum())
 
 
