@@ -47,6 +47,10 @@ from deploy.trt_engine import ENGINE_PROVIDER
 from mlpruning.core.contract import VOCAB_FILES
 from mlpruning.core.errors import UserError
 from mlpruning.core.hf_config import position_limit
+from pipeline.kinds import kind_for_head
+from pipeline.kinds.sequence import LOGITS
+from pipeline.task_kind import TaskKind
+from pipeline.tasks import TaskSpec, get_task
 
 log = logging.getLogger(__name__)
 
@@ -207,19 +211,24 @@ class ServedModel:
         # a TensorRT engine's tensors carry names only: int64 ids, width from the labels
         inputs = self.session.get_inputs()
         self.inputs = {i.name: np.int32 if "int32" in getattr(i, "type", "") else np.int64 for i in inputs}
-        output = self.session.get_outputs()[0]
-        self.output = output.name
-        last = getattr(output, "shape", [None])[-1]
-        width = last if isinstance(last, int) else None
-        self.regression = self.config.get("problem_type") == "regression" or width == 1
+        self.kind = self.task.kind if self.task is not None else _head_kind(self.session, self.config)
+        self.names, self.outputs = self._output_names()
         self.labels = _label_names(self.config, self.task)
-        self.pairs = None if self.task is None else len(self.task.text_columns) == 2
+        self.pairs = None if self.task is None else self.task.pairs
+
+    def _output_names(self) -> tuple[list[str], list[str]]:
+        """(the kind's output names, the model's outputs to fetch for them): by name, else (a
+        model made elsewhere) by position; with no task known, a sequence head's one output."""
+        have = [o.name for o in self.session.get_outputs()]
+        wanted = self.kind.output_names(self.task) if self.task is not None else [LOGITS]
+        return wanted, wanted if set(wanted) <= set(have) else have[: len(wanted)]
 
     def encode(self, items: list[str | tuple[str, str]]) -> list[Any]:
         """One unpadded ``tokenizers.Encoding`` per item, special tokens added."""
         return self.tokenizer.encode_batch(items)
 
-    def run_batch(self, batch: list[Any]) -> list[np.ndarray]:
+    def run_batch(self, batch: list[Any]) -> list[dict[str, np.ndarray]]:
+        """Each item's outputs (by the kind's output names), batch axis removed."""
         width = max(len(enc.ids) for enc in batch)
         ids = np.full((len(batch), width), self.pad_id, dtype=np.int64)
         types = np.zeros_like(ids)
@@ -229,20 +238,11 @@ class ServedModel:
             ids[row, :n], types[row, :n], mask[row, :n] = enc.ids, enc.type_ids, 1
         arrays = {"input_ids": ids, "token_type_ids": types, "attention_mask": mask}
         feeds = {name: arrays[name].astype(dtype, copy=False) for name, dtype in self.inputs.items()}
-        return list(self.session.run([self.output], feeds)[0])
+        results = self.session.run(self.outputs, feeds)
+        return [dict(zip(self.names, (r[i] for r in results), strict=True)) for i in range(len(batch))]
 
-    def prediction(self, logits: np.ndarray) -> dict[str, Any]:
-        values = logits.astype(np.float64)
-        if self.regression:
-            return {"score": float(values[0])}
-        probs = np.exp(values - values.max())
-        probs /= probs.sum()
-        best = int(probs.argmax())
-        return {
-            "label": self.labels[best],
-            "score": float(probs[best]),
-            "scores": dict(zip(self.labels, map(float, probs), strict=True)),
-        }
+    def prediction(self, outputs: dict[str, np.ndarray]) -> dict[str, Any]:
+        return self.kind.answer(outputs, self.labels)
 
     def warm_up(self, max_batch: int) -> None:
         """First runs allocate ORT's buffers; pay for them before the first client does."""
@@ -251,9 +251,13 @@ class ServedModel:
             self.run_batch(sample * size)
 
 
-def _task_of(folder: Path) -> Any:
-    from pipeline.tasks import get_task
+def _head_kind(session: Any, config: dict[str, Any]) -> TaskKind:
+    """A model whose task is unknown: a sequence head, read from its config and output width."""
+    last = getattr(session.get_outputs()[0], "shape", [None])[-1]
+    return kind_for_head(config.get("problem_type"), last if isinstance(last, int) else None)
 
+
+def _task_of(folder: Path) -> TaskSpec | None:
     for name in ("pruning.json", "export.json"):
         task = (peek_json(folder / name) or {}).get("task")
         if isinstance(task, str):

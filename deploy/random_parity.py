@@ -1,9 +1,9 @@
-"""Max logit difference of an ONNX model vs its masked PyTorch checkpoint on random batches.
+"""Max output difference of an ONNX model vs its masked PyTorch checkpoint on random batches.
 
 A quick structural check for tests and benchmarks (``verify`` is the full check on real dev
 data): random token ids for each (batch, sequence) shape, the last sequence of every batch
 right-padded from ``pad_from`` of its length, run through ONNX Runtime (CPU) and the masked
-PyTorch model. Returns the largest absolute logit difference over all shapes.
+PyTorch model. Returns the largest absolute difference over all shapes and the task kind's outputs.
 """
 
 from __future__ import annotations
@@ -26,19 +26,23 @@ def random_parity(
     import torch
 
     from pipeline.pruning.checkpoint import load_masked
+    from pipeline.tasks import get_task
 
-    model, _, _ = load_masked(ckpt)
+    model, _, manifest = load_masked(ckpt)
+    task = get_task(manifest["task"])
+    names = task.kind.output_names(task)
     session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
-    names = {i.name for i in session.get_inputs()}
+    feeds = {i.name for i in session.get_inputs()}
     gen, worst = torch.Generator().manual_seed(seed), 0.0
     for batch, seq in shapes:
         ids = torch.randint(1000, 9000, (batch, seq), generator=gen)
         mask = torch.ones_like(ids)
         mask[-1, int(seq * pad_from) :] = 0
         inputs = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
-        inputs = {k: v for k, v in inputs.items() if k in names}
+        inputs = {k: v for k, v in inputs.items() if k in feeds}
         with torch.no_grad():
-            want = model(**inputs).logits.numpy()
-        got = session.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
-        worst = max(worst, float(np.abs(got - want).max()))
+            want = task.kind.tensors(model(**inputs), task)
+        got = session.run(names, {k: v.numpy() for k, v in inputs.items()})
+        for g, w in zip(got, want.values(), strict=True):
+            worst = max(worst, float(np.abs(g - w.numpy()).max()))
     return worst

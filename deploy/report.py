@@ -195,7 +195,7 @@ def _parity(summary: dict[str, Any]) -> list[Block]:
         rows.append(
             [
                 variant,
-                "dev predictions (identical)",
+                f"dev predictions agreeing ({parity.get('agreement_rule') or 'same class'})",
                 "-",
                 "-",
                 "-",

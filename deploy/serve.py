@@ -12,8 +12,9 @@ Endpoints:
                     reports for the variant (when served from a run folder), compacted: per-index
                     lists such as kept rows and kept block columns are left out
     POST /predict   {"texts": ["a sentence", ...]} or {"texts": [["premise", "hypothesis"], ...]}
-                    -> {"predictions": [{"label", "score", "scores": {label: p}}, ...]};
-                    for regression (stsb) each prediction is {"score": value}
+                    -> {"predictions": [...]}, one answer per text, as the task kind gives it:
+                    classification {"label", "score", "scores": {label: p}}; regression
+                    (stsb) {"score": value}
 
 Limits and status codes (every error body is {"detail": "<one line that names the fix>"}):
     400  the body is not valid JSON
@@ -173,8 +174,9 @@ def build_metadata(cfg: ServeConfig, model: ServedModel) -> dict[str, Any]:
         "run": None if run is None else str(run),
         "variant": variant,
         "task": None if model.task is None else model.task.name,
-        "labels": None if model.regression else model.labels,
-        "regression": model.regression,
+        "kind": model.kind.name,
+        "labels": model.kind.serve_labels(model.labels),
+        "regression": model.kind.name == "regression",
         "inputs": list(model.inputs),
         "runtime": {
             "provider": cfg.provider,
@@ -336,12 +338,12 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         encodings = model.encode(items) if chars < 4096 else await run_in_threadpool(model.encode, items)
         check_lengths(encodings, model.max_tokens)
         try:
-            logits = await batcher.submit(encodings)
+            outputs = await batcher.submit(encodings)
         except QueueFull as exc:
             raise RequestError(503, f"server busy ({exc}): retry shortly") from None
         except Exception as exc:  # logged by the batcher; the client gets one line, not a traceback
             raise RequestError(500, f"model run failed: {' '.join(str(exc).split())}") from None
-        return {"predictions": [model.prediction(row) for row in logits]}
+        return {"predictions": [model.prediction(row) for row in outputs]}
 
     return app
 

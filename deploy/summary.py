@@ -104,6 +104,7 @@ def _parity(report: dict[str, Any] | None) -> dict[str, Any] | None:
         "stages": stages,
         "metric_passed": metric.get("passed"),
         "identical_predictions": metric.get("identical_predictions"),
+        "agreement_rule": metric.get("agreement_rule", "same class"),
         "examples": metric.get("examples"),
     }
 

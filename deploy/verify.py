@@ -7,10 +7,12 @@ stage, a TensorRT engine (``engine``, or a folder holding only model.plan), and 
 PyTorch model (on the CPU). Polygraphy's rule: an element fails only where it
 exceeds *both* tolerances, |a - b| > atol and |a - b| > rtol * |b|. Reported: max, mean and p99
 absolute difference, max relative difference, and the atol that would have passed at the given
-rtol. Outputs are per-sequence logits, so no padded position is compared.
+rtol. The outputs compared are the task kind's (:mod:`pipeline.kinds`); the built-in kinds' are
+per-sequence logits, so no padded position is compared.
 
-Task metric: the whole dev set through ONNX and PyTorch. A prediction agrees when the class is
-the same (or, for a regression task, the score is within the element tolerances); at least
+Task metric: the whole dev set through ONNX and PyTorch. Whether a prediction agrees is the
+kind's rule: the same class, or for a regression task a score within the element tolerances;
+at least
 ``min_agreement`` of them must agree (1.0 by default: in fp32 every one), and the main metric
 may fall at most ``max_metric_drop`` below PyTorch's when that bound is set. Both are printed,
 with how many predictions flipped, so a lower-precision variant (an FP16 engine, INT8) can pass
@@ -30,7 +32,9 @@ from typing import Any
 import numpy as np
 
 from deploy.runners import model_label, open_model, runtime_name
+from mlpruning.core.errors import UserError
 from mlpruning.core.tolerance import beyond_tolerance
+from pipeline.task_kind import Outputs, stack_outputs
 
 
 @dataclass(frozen=True)
@@ -89,9 +93,25 @@ def open_stages(stages: list[Path], provider: str, engine: bool) -> dict[str, An
     return sessions
 
 
-def _onnx_logits(session: Any, batch: dict[str, Any]) -> np.ndarray:
-    names = [i.name for i in session.get_inputs()]
-    return session.run(None, {k: batch[k].numpy() for k in names})[0]
+def runtime_outputs(session: Any, names: list[str], feeds: dict[str, np.ndarray]) -> Outputs:
+    """The outputs ``names`` (the task kind's) of one run: by name, or, for a model made elsewhere
+    whose outputs are named otherwise but are as many, by position."""
+    have = [o.name for o in session.get_outputs()]
+    asked = names if set(names) <= set(have) else have[: len(names)]
+    if len(asked) < len(names):
+        raise UserError(
+            f"the model has outputs {have}, the task needs {names}: export it with mlpruning export"
+        )
+    inputs = [i.name for i in session.get_inputs()]
+    return dict(zip(names, session.run(asked, {k: feeds[k] for k in inputs}), strict=True))
+
+
+def _batch_outputs(session: Any, names: list[str], batch: dict[str, Any]) -> Outputs:
+    return runtime_outputs(session, names, {k: v.numpy() for k, v in batch.items()})
+
+
+def _flat(outputs: list[Outputs]) -> np.ndarray:
+    return np.concatenate([a.ravel() for out in outputs for a in out.values()])
 
 
 def _parity_batches(n_examples: int, batch_size: int, seed: int) -> list[np.ndarray]:
@@ -112,38 +132,39 @@ def _reference_model(reference: Path, task_name: str | None) -> tuple[Any, Any]:
     return model.eval(), task
 
 
-def _stage_parity(session: Any, model: Any, encoded: Any, tol: Tolerance, seed: int) -> dict[str, Any]:
-    """Element-wise logits of one ONNX stage against PyTorch on shuffled, padded dev batches."""
+def _stage_parity(
+    session: Any, model: Any, encoded: Any, task: Any, tol: Tolerance, seed: int
+) -> dict[str, Any]:
+    """Element-wise outputs of one ONNX stage against PyTorch on shuffled, padded dev batches."""
     import torch
 
     from pipeline.batching import collate
 
-    got, want = [], []
+    names, got, want = task.kind.output_names(task), [], []
     for idx in _parity_batches(len(encoded), 16, seed):
         batch = collate(encoded, idx)
         with torch.no_grad():
-            want.append(model(**batch).logits.numpy())
-        got.append(_onnx_logits(session, batch))
-    return compare(np.concatenate(got), np.concatenate(want), tol)
+            want.append({k: v.numpy() for k, v in task.kind.tensors(model(**batch), task).items()})
+        got.append(_batch_outputs(session, names, batch))
+    return compare(_flat(got), _flat(want), tol)
 
 
 def _metric_parity(session: Any, model: Any, encoded: Any, task: Any, tol: Tolerance) -> dict[str, Any]:
     """The task metric of the final stage and of PyTorch on the whole dev set, and their agreement."""
     from pipeline.batching import collate
     from pipeline.evaluate import predict
-    from pipeline.metrics import compute_metrics
 
-    torch_out = predict(model, encoded)
-    onnx_out = np.concatenate(
-        [
-            _onnx_logits(session, collate(encoded, np.arange(i, min(i + 64, len(encoded)))))
-            for i in range(0, len(encoded), 64)
-        ]
-    )
-    agree = _agreeing(torch_out, onnx_out, task.is_regression, tol)
+    kind, names = task.kind, task.kind.output_names(task)
+    torch_out = predict(model, task, encoded)
+    chunks = []
+    for i in range(0, len(encoded), 64):
+        idx = np.arange(i, min(i + 64, len(encoded)))
+        chunks.append((idx, _batch_outputs(session, names, collate(encoded, idx))))
+    onnx_out = stack_outputs(chunks, len(encoded))
+    agree = int(kind.agreeing(torch_out, onnx_out, tol.atol, tol.rtol).sum())
     metrics = {
-        "pytorch": compute_metrics(task, torch_out, encoded.labels),
-        "onnx": compute_metrics(task, onnx_out, encoded.labels),
+        "pytorch": kind.metrics(task, torch_out, encoded.labels),
+        "onnx": kind.metrics(task, onnx_out, encoded.labels),
     }
     drop = metrics["pytorch"][task.main_metric] - metrics["onnx"][task.main_metric]
     checks = {
@@ -156,6 +177,7 @@ def _metric_parity(session: Any, model: Any, encoded: Any, task: Any, tol: Toler
         **metrics,
         "identical_predictions": agree,
         "agreement": agree / len(encoded),
+        "agreement_rule": kind.agreement_rule,
         "min_agreement": tol.min_agreement,
         "main_metric": task.main_metric,
         "metric_drop": drop,
@@ -163,15 +185,6 @@ def _metric_parity(session: Any, model: Any, encoded: Any, task: Any, tol: Toler
         "failed_checks": [name for name, ok in checks.items() if not ok],
         "passed": all(checks.values()),
     }
-
-
-def _agreeing(want: np.ndarray, got: np.ndarray, regression: bool, tol: Tolerance) -> int:
-    """Examples whose prediction agrees: same class, or (regression) a score within tolerance."""
-    if not regression:
-        return int((want.argmax(-1) == got.argmax(-1)).sum())
-    want, got = want.reshape(len(want), -1), got.reshape(len(got), -1)
-    _, failing = beyond_tolerance(got, want, tol.atol, tol.rtol)
-    return int((~failing).all(axis=1).sum())
 
 
 def verify(
@@ -192,7 +205,7 @@ def verify(
     model, task = _reference_model(reference, task_name)
     encoded = encode(load_tokenizer(str(reference)), load_split(task, "dev", data_dir), 128)
     results = [
-        {"stage": stage, "runtime": runtime_name(s), **_stage_parity(s, model, encoded, tol, seed)}
+        {"stage": stage, "runtime": runtime_name(s), **_stage_parity(s, model, encoded, task, tol, seed)}
         for stage, s in sessions.items()
     ]
     metric = _metric_parity(list(sessions.values())[-1], model, encoded, task, tol)
@@ -221,8 +234,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     lines.append(
         f"{'ok  ' if m['passed'] else 'FAIL'} {m['task']} dev ({m['examples']}): pytorch {m['pytorch']} "
         f"onnx {m['onnx']}; agreement {m['identical_predictions']}/{m['examples']} "
-        f"(needs >= {m['min_agreement']:.1%}), {m['main_metric']} drop {m['metric_drop']:+.4f} "
-        f"({bound}){failed}"
+        f"{m.get('agreement_rule', 'same class')} (needs >= {m['min_agreement']:.1%}), "
+        f"{m['main_metric']} drop {m['metric_drop']:+.4f} ({bound}){failed}"
     )
     return lines
 

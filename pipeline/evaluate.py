@@ -1,4 +1,4 @@
-"""Dev-set evaluation of a sequence-classification model.
+"""Dev-set evaluation of a model, whatever its task kind.
 
 Batches are sorted by length so padding is minimal; outputs are put back in file order before
 scoring, so predictions line up with the data file (and with other runtimes' predictions).
@@ -18,6 +18,7 @@ from mlpruning.core.errors import UserError
 from mlpruning.core.jsonfile import read_json
 from pipeline.batching import Encoded, collate, encode, sorted_batches
 from pipeline.metrics import compute_metrics
+from pipeline.task_kind import Outputs, stack_outputs
 from pipeline.tasks import TaskSpec, get_task, load_split
 
 if TYPE_CHECKING:
@@ -33,7 +34,7 @@ class EvalResult:
     metrics: dict[str, float]
     num_examples: int
     seconds: float
-    outputs: np.ndarray
+    outputs: Outputs  # by output name (the task kind's), in example order
 
     def to_json(self) -> dict:
         return {
@@ -46,29 +47,25 @@ class EvalResult:
         }
 
 
-def predict(model: PreTrainedModel, encoded: Encoded, batch_size: int = 64) -> np.ndarray:
-    """Model outputs (logits or regression scores) in example order."""
+def predict(model: PreTrainedModel, task: TaskSpec, encoded: Encoded, batch_size: int = 64) -> Outputs:
+    """The model's outputs (named by the task's kind) in example order."""
     import torch
 
     was_training = model.training
     device = next(model.parameters()).device
     model.eval()
-    chunks: list[tuple[np.ndarray, np.ndarray]] = []
+    chunks: list[tuple[np.ndarray, Outputs]] = []
     with torch.inference_mode():
         for idx in sorted_batches(encoded.lengths, batch_size):
-            logits = model(**collate(encoded, idx, device)).logits
-            chunks.append((idx, logits.float().cpu().numpy()))
+            out = task.kind.tensors(model(**collate(encoded, idx, device)), task)
+            chunks.append((idx, {k: v.float().cpu().numpy() for k, v in out.items()}))
     model.train(was_training)
-    width = chunks[0][1].shape[-1]
-    out = np.empty((len(encoded), width), dtype=np.float32)
-    for idx, logits in chunks:
-        out[idx] = logits
-    return out
+    return stack_outputs(chunks, len(encoded))
 
 
 def evaluate_encoded(model: PreTrainedModel, task: TaskSpec, encoded: Encoded, split: str) -> EvalResult:
     start = time.perf_counter()
-    outputs = predict(model, encoded)
+    outputs = predict(model, task, encoded)
     metrics = compute_metrics(task, outputs, encoded.labels)
     return EvalResult(task.name, split, metrics, len(encoded), time.perf_counter() - start, outputs)
 

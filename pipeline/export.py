@@ -21,10 +21,13 @@ opset, input/output names, parity at export, versions).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import shutil
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +44,8 @@ from pipeline.evaluate import read_metadata
 from pipeline.models import load_for_task, load_tokenizer, quiet_transformers
 from pipeline.pruning.checkpoint import MANIFEST_FILE, build_manifest, load_masked
 from pipeline.pruning.masks import mask_sizes
-from pipeline.tasks import get_task
+from pipeline.task_kind import Output
+from pipeline.tasks import TaskSpec, get_task
 
 PARITY_ATOL = 1e-4
 EXPORTERS = ("torchscript", "dynamo")
@@ -76,19 +80,48 @@ def _probe_batch(tokenizer: Any, names: list[str]) -> dict[str, np.ndarray]:
     return {k: enc[k].astype(np.int64) for k in names}
 
 
-def _run_exporter(model: Any, path: Path, kwargs: dict[str, Any], opset: int, exporter: str) -> None:
-    names = list(kwargs)
-    with warnings.catch_warnings():
+@contextmanager
+def _named_outputs(model: Any, task: TaskSpec) -> Iterator[Any]:
+    """``model`` returning its kind's outputs as a tuple, in the kind's order (the graph's).
+
+    The forward is swapped on the instance rather than wrapped in another module: a wrapper
+    would prefix every node's scope name and every initializer, and the graph passes and
+    users' tools read those names.
+    """
+    original = model.forward
+
+    @functools.wraps(original)
+    def forward(*args: Any, **inputs: Any) -> tuple[Any, ...]:
+        return tuple(task.kind.tensors(original(*args, **inputs), task).values())
+
+    model.forward = forward
+    try:
+        yield model
+    finally:
+        del model.forward
+
+
+def _dynamic_axes(output: Output) -> dict[int, str]:
+    return {i: str(a) for i, a in enumerate(output.axes) if not isinstance(a, int)}
+
+
+def _run_exporter(
+    model: Any, task: TaskSpec, path: Path, kwargs: dict[str, Any], opset: int, exporter: str
+) -> None:
+    names, outputs = list(kwargs), task.kind.outputs(task)
+    out_names = [o.name for o in outputs]
+    with warnings.catch_warnings(), _named_outputs(model, task) as module:
         warnings.simplefilter("ignore")  # tracer warnings about Python-level shape checks
         if exporter == "torchscript":
-            dynamic = {n: {0: "batch", 1: "sequence"} for n in names} | {"logits": {0: "batch"}}
+            dynamic = {n: {0: "batch", 1: "sequence"} for n in names}
+            dynamic |= {o.name: _dynamic_axes(o) for o in outputs}
             torch.onnx.export(
-                model,
+                module,
                 (),
                 str(path),
                 kwargs=kwargs,
                 input_names=names,
-                output_names=["logits"],
+                output_names=out_names,
                 dynamic_axes=dynamic,
                 opset_version=opset,
                 dynamo=False,
@@ -98,11 +131,11 @@ def _run_exporter(model: Any, path: Path, kwargs: dict[str, Any], opset: int, ex
         logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
         batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
         program = torch.onnx.export(
-            model,
+            module,
             (),
             kwargs=kwargs,
             input_names=names,
-            output_names=["logits"],
+            output_names=out_names,
             dynamic_shapes={n: {0: batch, 1: seq} for n in names},
             opset_version=max(opset, 18),
             dynamo=True,
@@ -120,7 +153,7 @@ def export_onnx(ckpt: Path, out: Path, opset: int = 17, exporter: str = "torchsc
     if not ckpt.is_dir():
         raise UserError(f"checkpoint folder {ckpt} does not exist: check the path")
     model, manifest = _load(ckpt)
-    model = model.eval()
+    model, task = model.eval(), get_task(manifest["task"])
     tokenizer = load_tokenizer(str(ckpt))
     accepted = inspect.signature(model.forward).parameters
     names = [
@@ -132,13 +165,14 @@ def export_onnx(ckpt: Path, out: Path, opset: int = 17, exporter: str = "torchsc
         ["export trace", "a second, longer example sentence"], padding=True, return_tensors="pt"
     )
     with staging_dir(out) as tmp, quiet_transformers():
-        _run_exporter(model, tmp / ONNX_FILE, {n: trace[n] for n in names}, opset, exporter)
+        _run_exporter(model, task, tmp / ONNX_FILE, {n: trace[n] for n in names}, opset, exporter)
         probe = _probe_batch(tokenizer, names)
         session = ort.InferenceSession(str(tmp / ONNX_FILE), providers=["CPUExecutionProvider"])
-        got = session.run(["logits"], probe)[0]
+        out_names = task.kind.output_names(task)
+        got = session.run(out_names, probe)
         with torch.no_grad():
-            want = model(**{k: torch.from_numpy(v) for k, v in probe.items()}).logits.numpy()
-        diff = float(np.abs(got - want).max())
+            want = task.kind.tensors(model(**{k: torch.from_numpy(v) for k, v in probe.items()}), task)
+        diff = max(float(np.abs(g - w.numpy()).max()) for g, w in zip(got, want.values(), strict=True))
         if diff > PARITY_ATOL:
             raise ExportMismatch(
                 f"exported graph differs from PyTorch by {diff:.2e} (> {PARITY_ATOL}): not written"
@@ -149,7 +183,7 @@ def export_onnx(ckpt: Path, out: Path, opset: int = 17, exporter: str = "torchsc
             "dynamo": exporter == "dynamo",
             "opset": opset if exporter == "torchscript" else max(opset, 18),
             "inputs": names,
-            "outputs": ["logits"],
+            "outputs": out_names,
             "source": str(ckpt),
             "task": manifest["task"],
             "parity_max_abs_diff": diff,

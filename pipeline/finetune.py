@@ -24,7 +24,7 @@ from pipeline.config import FinetuneConfig
 from pipeline.evaluate import METADATA_FILE, EvalResult, evaluate_encoded
 from pipeline.models import load_for_task, load_tokenizer, quiet_transformers, resolve_model
 from pipeline.progress import TrainProgress
-from pipeline.tasks import get_task, load_split
+from pipeline.tasks import TaskSpec, get_task, load_split
 from pipeline.trainloop import EVAL_FILE, TrainLoop, resolve_device, wrap_ddp
 
 
@@ -48,8 +48,14 @@ def load_task_data(cfg: Any, tokenizer: Any) -> tuple[Encoded, Encoded]:
     return train, dev
 
 
-def labels_tensor(encoded: Encoded, indices: np.ndarray, regression: bool) -> torch.Tensor:
-    return torch.as_tensor(encoded.labels[indices], dtype=torch.float32 if regression else torch.long)
+def task_forward(
+    model: torch.nn.Module, task: TaskSpec, batch: dict[str, torch.Tensor], labels: np.ndarray, **kwargs: Any
+) -> tuple[Any, dict[str, torch.Tensor], torch.Tensor]:
+    """One forward pass: the transformers output, the kind's named outputs, and the task loss."""
+    out = model(**batch, **kwargs)
+    outputs = task.kind.tensors(out, task)
+    device = next(iter(outputs.values())).device
+    return out, outputs, task.kind.task_loss(outputs, task.kind.label_tensor(labels).to(device))
 
 
 class Finetuner(TrainLoop):
@@ -76,8 +82,7 @@ class Finetuner(TrainLoop):
     def train_step(self, indices: np.ndarray) -> tuple[float, int, str]:
         self.model.train()
         batch = collate(self.train, indices, self.device)
-        labels = labels_tensor(self.train, indices, self.task.is_regression).to(self.device)
-        loss = self.ddp_model(**batch, labels=labels).loss
+        _, _, loss = task_forward(self.ddp_model, self.task, batch, self.train.labels[indices])
         loss.backward()
         self.step_optimizer()
         return float(loss.detach()), int(batch["attention_mask"].sum()), ""

@@ -1,4 +1,5 @@
-"""GLUE metrics in plain numpy (no torch, no scikit-learn).
+"""GLUE metrics in plain numpy (no torch, no scikit-learn); which ones a task reports is its
+kind's choice (:mod:`pipeline.kinds`).
 
 - accuracy: share of predictions equal to the label.
 - f1: binary F1 of the positive class (id 1), 2PR / (P + R); MRPC's official metric.
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.tasks import TaskSpec
+from pipeline.task_kind import TaskInfo
 
 
 def accuracy(preds: np.ndarray, labels: np.ndarray) -> float:
@@ -49,15 +50,10 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
     return pearson(_average_ranks(np.asarray(x)), _average_ranks(np.asarray(y)))
 
 
-def compute_metrics(task: TaskSpec, outputs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Score model outputs (logits [n, C], or scores [n] / [n, 1] for regression)."""
-    labels = np.asarray(labels)
-    if task.is_regression:
-        scores = np.asarray(outputs, dtype=np.float64).reshape(-1)
-        return {"pearson": pearson(scores, labels), "spearman": spearman(scores, labels)}
-    preds = np.asarray(outputs).argmax(axis=-1)
-    labels = labels.astype(np.int64)
-    result = {"accuracy": accuracy(preds, labels)}
-    if "f1" in task.metrics:
-        result["f1"] = f1_binary(preds, labels)
-    return result
+def compute_metrics(
+    task: TaskInfo, outputs: np.ndarray | dict[str, np.ndarray], labels: np.ndarray
+) -> dict[str, float]:
+    """Score model outputs with the task's kind: a dict by output name, or the one output's array."""
+    if not isinstance(outputs, dict):
+        outputs = {task.kind.output_names(task)[0]: np.asarray(outputs)}
+    return task.kind.metrics(task, outputs, np.asarray(labels))

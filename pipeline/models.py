@@ -95,31 +95,21 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
 
 
 def load_for_task(name: str, task: TaskSpec, attn_implementation: str | None = None) -> PreTrainedModel:
-    """Load a sequence-classification model with the task's label space.
+    """Load the model of ``task``'s kind (for GLUE, a sequence classifier with the task's labels).
 
-    A new classifier head is created when the checkpoint has none (a plain encoder); a
-    checkpoint fine-tuned for another label count is refused.
+    A new head is created when the checkpoint has none (a plain encoder); a checkpoint whose
+    head cannot serve the task (a classifier for another label count) is refused by the kind.
     """
-    from transformers import AutoModelForSequenceClassification
+    import transformers
 
     config = load_config(name)
-    has_head = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
-    if has_head and config.num_labels != task.num_labels:
-        raise UserError(
-            f"{name} is a classifier with {config.num_labels} labels but task {task.name} has "
-            f"{task.num_labels}: pass the matching --task or a plain encoder"
-        )
-    config.num_labels = task.num_labels
-    config.id2label = dict(enumerate(task.label_names))
-    config.label2id = {v: k for k, v in config.id2label.items()}
-    config.problem_type = "regression" if task.is_regression else "single_label_classification"
+    task.kind.configure_head(config, task, name)
     _refuse_export_folder(Path(resolve_model(name)))
+    auto = getattr(transformers, task.kind.auto_class)
     with quiet_transformers():  # the 'newly initialized classifier' report is expected
         try:
             extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
-            return AutoModelForSequenceClassification.from_pretrained(
-                resolve_model(name), config=config, **extra
-            )
+            return auto.from_pretrained(resolve_model(name), config=config, **extra)
         except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
             raise UserError(
                 f"could not load weights of {name} ({first_line(exc)}): the checkpoint is "

@@ -22,6 +22,8 @@ from functools import cache
 from pathlib import Path
 
 from mlpruning.core.errors import UserError
+from pipeline.kinds import get_kind
+from pipeline.task_kind import TaskKind
 
 EMBEDDED_DIR = Path(__file__).parent / "data" / "glue"
 
@@ -32,7 +34,8 @@ class MissingSplit(UserError):
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """What a task is: its folder, columns, labels and metrics."""
+    """What a task is: its folder, columns, labels and metrics, and its kind (what the model
+    outputs for it: :mod:`pipeline.task_kind`)."""
 
     name: str
     folder: str
@@ -44,14 +47,19 @@ class TaskSpec:
     main_metric: str
     split_files: tuple[tuple[str, tuple[str, ...]], ...]  # split -> candidate file names
     jsonl_columns: tuple[str, ...] = ()  # text fields, then label field, in JSON-lines files
+    kind_name: str = "classification"
+
+    def __post_init__(self) -> None:
+        get_kind(self.kind_name)  # an unknown kind fails where the task is declared
 
     @property
-    def is_regression(self) -> bool:
-        return not self.labels
+    def kind(self) -> TaskKind:
+        return get_kind(self.kind_name)
 
     @property
-    def num_labels(self) -> int:
-        return 1 if self.is_regression else len(self.labels)
+    def pairs(self) -> bool:
+        """Whether an example is a text pair."""
+        return len(self.text_columns) == 2
 
     def files_for(self, split: str) -> tuple[str, ...]:
         for name, files in self.split_files:
@@ -108,6 +116,7 @@ TASKS: dict[str, TaskSpec] = {
         ("pearson", "spearman"),
         "pearson",
         _TRAIN_DEV,
+        kind_name="regression",
     ),
     "mnli": TaskSpec(
         "mnli",
@@ -123,6 +132,13 @@ TASKS: dict[str, TaskSpec] = {
     ),
 }
 _ALIASES = {"sst-2": "sst2", "sst": "sst2", "sts-b": "stsb", "mnli-m": "mnli"}
+
+
+def register_task(task: TaskSpec) -> None:
+    """Add a task (its files, columns, labels, metrics and kind) under ``task.name``."""
+    if task.name in TASKS or task.name in _ALIASES:
+        raise ValueError(f"task {task.name!r} is registered already")
+    TASKS[task.name] = task
 
 
 @dataclass(frozen=True)
@@ -210,15 +226,10 @@ def load_split(task: TaskSpec, split: str, data_dir: Path | None = None) -> Exam
 
 
 def _parse_label(task: TaskSpec, raw: str, where: str) -> float:
-    raw = raw.strip()
-    if task.is_regression:
-        try:
-            return float(raw)
-        except ValueError:
-            raise UserError(f"{where}: score '{raw}' is not a number") from None
-    if raw not in task.labels:
-        raise UserError(f"{where}: label '{raw}' is not one of {', '.join(task.labels)}")
-    return float(task.labels.index(raw))
+    try:
+        return task.kind.parse_label(task, raw.strip())
+    except ValueError as exc:
+        raise UserError(f"{where}: {exc}") from None
 
 
 def _read_text(path: Path, encoding: str, kind: str) -> str:

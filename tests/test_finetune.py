@@ -46,7 +46,8 @@ def test_finetune_writes_a_loadable_checkpoint_and_learns(tiny_bert, glue_dir, t
     assert saved["metrics"] == result.metrics and saved["num_examples"] == 32
     again = evaluate_checkpoint(out, None, glue_dir)  # reload from disk: same numbers
     assert again.metrics == pytest.approx(result.metrics)
-    assert torch.allclose(torch.from_numpy(again.outputs), torch.from_numpy(result.outputs), atol=1e-5)
+    got, want = again.outputs["logits"], result.outputs["logits"]
+    assert torch.allclose(torch.from_numpy(got), torch.from_numpy(want), atol=1e-5)
 
 
 def test_training_memorises_a_small_set(tiny_bert, glue_dir, tmp_path):

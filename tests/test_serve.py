@@ -217,7 +217,7 @@ def test_truncate_cuts_long_texts_to_the_limit(folder: Path) -> None:
     model = ServedModel(folder, threads=1, max_tokens=8, truncate=True)
     (enc,) = model.encode(["word " * 50])
     assert len(enc.ids) == 8 and enc.ids[-1] == model.tokenizer.token_to_id("[SEP]")
-    assert model.run_batch([enc])[0].shape == (2,)
+    assert model.run_batch([enc])[0]["logits"].shape == (2,)
     with pytest.raises(UserError, match="over what"):
         ServedModel(folder, max_tokens=10_000)
 

@@ -28,10 +28,10 @@ def test_embedded_splits_load_with_official_counts(task, split):
     spec = get_task(task)
     assert all(len(t) == len(spec.text_columns) for t in ex.texts)
     assert all(t and all(s for s in t) for t in ex.texts[:100])
-    if spec.is_regression:
+    if spec.kind_name == "regression":
         assert 0.0 <= min(ex.labels) and max(ex.labels) <= 5.0
     else:
-        assert set(ex.labels) == set(map(float, range(spec.num_labels)))
+        assert set(ex.labels) == set(map(float, range(len(spec.labels))))
 
 
 def test_label_distributions_match_data_readme():

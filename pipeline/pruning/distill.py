@@ -2,8 +2,9 @@
 
     loss = alpha_distil * (L_logit + L_hidden + L_attn) + alpha_ce * L_task
 
-- L_logit = T^2 * KL(softmax(t / T) || softmax(s / T)), batch mean; for a regression head
-  (one output) the MSE between student and teacher scores is used instead.
+- L_logit: the task kind's output-matching term (:mod:`pipeline.kinds`); for classification
+  T^2 * KL(softmax(t / T) || softmax(s / T)), batch mean; for a regression head the MSE between
+  student and teacher scores.
 - L_hidden = sum over hidden states (embeddings output and every layer) of the mean squared
   error between student and teacher, on non-padded tokens only.
 - L_attn = sum over layers of the mean squared error between attention probabilities, over
@@ -18,6 +19,7 @@ attention term has a weight.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,13 +47,6 @@ class DistillLoss:
     parts: dict[str, float]
 
 
-def logit_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    if student.shape[-1] == 1:
-        return F.mse_loss(student, teacher)
-    t = temperature
-    return F.kl_div(F.log_softmax(student / t, -1), F.softmax(teacher / t, -1), reduction="batchmean") * t * t
-
-
 def hidden_loss(
     student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...], mask: torch.Tensor
 ) -> torch.Tensor:
@@ -70,12 +65,21 @@ def attention_loss(
 
 
 def distill_loss(
-    student_out: object, teacher_out: object, task_loss: torch.Tensor, mask: torch.Tensor, w: DistillWeights
+    student_out: Any,
+    teacher_out: Any,
+    task_loss: torch.Tensor,
+    output_loss: torch.Tensor,
+    mask: torch.Tensor,
+    w: DistillWeights,
 ) -> DistillLoss:
-    """Combine the distillation terms with the task loss; ``parts`` are for the progress display."""
+    """Combine the distillation terms with the task loss; ``parts`` are for the progress display.
+
+    ``output_loss`` is the task kind's output-matching term (L_logit for the GLUE kinds); the
+    hidden-state and attention terms read the transformers outputs of both models.
+    """
     parts = {"task": task_loss}
     if w.alpha_distil > 0:
-        parts["logit"] = logit_loss(student_out.logits, teacher_out.logits.detach(), w.temperature)
+        parts["logit"] = output_loss
         if w.hidden > 0:
             parts["hidden"] = w.hidden * hidden_loss(
                 student_out.hidden_states, teacher_out.hidden_states, mask

@@ -31,7 +31,7 @@ from pipeline.adapters import geometry, layer_linears
 from pipeline.batching import collate
 from pipeline.config import PruneConfig
 from pipeline.evaluate import METADATA_FILE, EvalResult, evaluate_encoded, read_metadata
-from pipeline.finetune import labels_tensor, load_task_data, param_groups, versions
+from pipeline.finetune import load_task_data, param_groups, task_forward, versions
 from pipeline.models import load_for_task, load_tokenizer, quiet_transformers, resolve_model
 from pipeline.progress import TrainProgress
 from pipeline.pruning.checkpoint import (
@@ -141,9 +141,12 @@ class DistilledPruning(TrainLoop):
         kwargs = {"output_hidden_states": self.weights.hidden > 0, "output_attentions": need_attn}
         with torch.no_grad():
             t_out = self.teacher(**batch, **kwargs)
-        labels = labels_tensor(self.train, indices, self.task.is_regression).to(self.device)
-        s_out = self.ddp_model(**batch, labels=labels, **kwargs)
-        dl = distill_loss(s_out, t_out, s_out.loss, batch["attention_mask"], self.weights)
+        s_out, s_outputs, task_loss = task_forward(
+            self.ddp_model, self.task, batch, self.train.labels[indices], **kwargs
+        )
+        t_outputs = {k: v.detach() for k, v in self.task.kind.tensors(t_out, self.task).items()}
+        logit_term = self.task.kind.distill_loss(s_outputs, t_outputs, self.weights.temperature)
+        dl = distill_loss(s_out, t_out, task_loss, logit_term, batch["attention_mask"], self.weights)
         reg = self.regularizer()
         (dl.total + reg.penalty).backward()
         self.step_optimizer()

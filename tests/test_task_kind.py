@@ -1,0 +1,127 @@
+"""A toy task kind, registered from outside the package, goes through every stage.
+
+The kind is a binary classifier with ONE output named ``score`` (the log-odds of class 1),
+trained with binary cross-entropy, distilled with MSE, scored by its sign, compared by its sign,
+and served as a probability: every piece differs from the built-in kinds, so a stage that still
+assumed "two logits named logits" would fail here. Adding it took this module and two
+registrations (the kind, and a task that uses it).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, ClassVar
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+
+from deploy.batcher import ServedModel
+from deploy.verify import Tolerance, verify
+from pipeline import kinds, tasks
+from pipeline.config import FinetuneConfig, PruneConfig
+from pipeline.export import export_onnx
+from pipeline.finetune import Finetuner
+from pipeline.pruning.pruner import Pruner
+from pipeline.task_kind import BATCH, Output, TaskKind
+from pipeline.tasks import TaskSpec
+from tests.conftest import make_glue_dir, save_tiny
+
+SCORE = "score"
+
+
+class BinaryScore(TaskKind):
+    """One log-odds output per example."""
+
+    name: ClassVar[str] = "toy_binary_score"
+    auto_class: ClassVar[str] = "AutoModelForSequenceClassification"
+    agreement_rule: ClassVar[str] = "same sign"
+
+    def parse_label(self, task, raw: str) -> float:
+        if raw not in task.labels:
+            raise ValueError(f"label '{raw}' is not one of {', '.join(task.labels)}")
+        return float(task.labels.index(raw))
+
+    def configure_head(self, config, task, source: str) -> None:
+        config.num_labels = 1
+        config.problem_type = "multi_label_classification"
+
+    def outputs(self, task) -> tuple[Output, ...]:
+        return (Output(SCORE, (BATCH, 1)),)
+
+    def tensors(self, model_output, task) -> dict[str, torch.Tensor]:
+        return {SCORE: model_output.logits}
+
+    def label_tensor(self, values: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(values, dtype=torch.float32)[:, None]
+
+    def task_loss(self, outputs, labels) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(outputs[SCORE], labels)
+
+    def distill_loss(self, student, teacher, temperature: float) -> torch.Tensor:
+        return F.mse_loss(student[SCORE], teacher[SCORE])
+
+    def metrics(self, task, outputs, labels) -> dict[str, float]:
+        return {"accuracy": float(np.mean((outputs[SCORE][:, 0] > 0) == (labels > 0.5)))}
+
+    def agreeing(self, want, got, atol: float, rtol: float) -> np.ndarray:
+        return (want[SCORE][:, 0] > 0) == (got[SCORE][:, 0] > 0)
+
+    def answer(self, row, labels) -> dict[str, Any]:
+        return {"probability": float(1 / (1 + np.exp(-float(row[SCORE][0]))))}
+
+
+@pytest.fixture()
+def toy_task(monkeypatch):
+    monkeypatch.setitem(kinds.KINDS, BinaryScore.name, BinaryScore())
+    spec = TaskSpec(
+        "toy_sst2",
+        "SST-2",
+        ("sentence",),
+        "label",
+        ("0", "1"),
+        ("negative", "positive"),
+        ("accuracy",),
+        "accuracy",
+        (("train", ("train.tsv",)), ("dev", ("dev.tsv",))),
+        kind_name=BinaryScore.name,
+    )
+    monkeypatch.setitem(tasks.TASKS, spec.name, spec)
+    return spec
+
+
+def test_registering_a_task_with_an_unknown_kind_fails_where_it_is_declared():
+    with pytest.raises(Exception, match="unknown task kind 'nope'"):
+        TaskSpec("x", "X", ("a",), "l", ("0",), ("zero",), ("accuracy",), "accuracy", (), kind_name="nope")
+
+
+def test_a_registered_kind_trains_prunes_exports_verifies_and_serves(toy_task, tmp_path):
+    glue = make_glue_dir(tmp_path / "glue")
+    base = save_tiny(tmp_path / "base", "bert", layers=2, heads=4, hidden=32, ffn=64)
+    common = dict(task="toy_sst2", data_dir=str(glue), max_length=32, batch_size=8)
+    teacher = tmp_path / "teacher"
+    result = Finetuner(FinetuneConfig(model=str(base), epochs=2, learning_rate=5e-4, **common), teacher).run()
+    assert set(result.outputs) == {SCORE} and result.outputs[SCORE].shape == (32, 1)
+    assert 0 <= result.metrics["accuracy"] <= 1
+    assert len(json.loads((teacher / "config.json").read_text())["id2label"]) == 1
+
+    pruned = tmp_path / "pruned"
+    prune = PruneConfig(teacher=str(teacher), target=0.6, epochs=1, threshold_init=0.5, **common)
+    Pruner(prune, pruned).run()
+    assert "accuracy" in json.loads((pruned / "eval.json").read_text())["metrics"]
+
+    export = tmp_path / "export"
+    report = export_onnx(pruned, export)
+    graph = onnx.load(export / "model.onnx").graph
+    assert report["outputs"] == [SCORE] and [o.name for o in graph.output] == [SCORE]
+
+    checked = verify([export], pruned, None, glue, Tolerance())
+    metric = checked["metric"]
+    assert checked["passed"] and metric["agreement_rule"] == "same sign"
+    assert metric["identical_predictions"] == metric["examples"] == 32
+
+    served = ServedModel(export)
+    answer = served.prediction(served.run_batch(served.encode(["a fine film"]))[0])
+    assert set(answer) == {"probability"} and 0 < answer["probability"] < 1
