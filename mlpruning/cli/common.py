@@ -9,6 +9,7 @@ import typer
 
 from mlpruning import __version__
 from mlpruning.core.errors import UserError
+from pipeline.tasks import TASKS
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -19,9 +20,10 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts name TOML tables such as [prune]: print them as written
 )
 
-TaskOpt = Annotated[str | None, typer.Option("--task", help="GLUE task: sst2, mrpc, rte, stsb, mnli.")]
+TaskOpt = Annotated[str | None, typer.Option("--task", help=f"Task: {', '.join(TASKS)}.")]
 DataDirOpt = Annotated[
     Path | None,
     typer.Option("--data-dir", help="Your own GLUE folder (SST-2/train.tsv ...); default: embedded copy."),
