@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from deploy.summary import is_baseline
 from mlpruning import __version__
 from mlpruning.core.errors import UserError
 from mlpruning.core.jsonfile import read_json
@@ -179,9 +180,9 @@ def make_baseline(summary: dict[str, Any], tolerance: GateTolerance | None = Non
         variants[name] = {
             "metric": entry["metric"].get("value"),
             "parity": entry.get("parity") is not None,
-            # dense is the reference of every ratio (1.0 by definition): nothing to gate
+            # the baseline is the reference of every ratio (1.0 by definition): nothing to gate
             "speedups": {}
-            if name == "dense"
+            if is_baseline(summary, name)
             else {p["key"]: p["speedup"] for p in points if p.get("speedup")},
         }
     env = summary.get("environment") or {}

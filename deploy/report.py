@@ -19,7 +19,7 @@ from typing import Any
 
 from deploy import report_plots as plots
 from deploy import run_layout as layout
-from deploy.summary import write_summary
+from deploy.summary import is_baseline, write_summary
 from mlpruning.core.atomic import write_text
 
 
@@ -112,6 +112,11 @@ def _overview(summary: dict[str, Any], key: str | None) -> list[Block]:
     return [Heading(2, "Overview"), Table(headers, rows)]
 
 
+def _colors(summary: dict[str, Any]) -> dict[str, str]:
+    baseline = next((v for v in summary["variants"] if is_baseline(summary, v)), None)
+    return plots.variant_colors(list(summary["variants"]), baseline)
+
+
 def _pareto(summary: dict[str, Any], key: str | None, with_plots: bool) -> list[Block]:
     points = []
     for variant, e in summary["variants"].items():
@@ -131,7 +136,8 @@ def _pareto(summary: dict[str, Any], key: str | None, with_plots: bool) -> list[
     blocks.append(Para(f"p50 latency at batch x sequence {key}; on the Pareto front: {front}."))
     if with_plots:
         metric = summary.get("metric_name") or "metric"
-        blocks.append(Image(plots.pareto_png(points, metric, key or "?x?"), "accuracy vs latency"))
+        png = plots.pareto_png(points, metric, key or "?x?", _colors(summary))
+        blocks.append(Image(png, "accuracy vs latency"))
     return blocks
 
 
@@ -230,11 +236,11 @@ def _latency(summary: dict[str, Any], with_plots: bool) -> list[Block]:
                     speed,
                 ]
             )
-            if variant != "dense" and p.get("speedup"):
+            if not is_baseline(summary, variant) and p.get("speedup"):
                 speedups.setdefault(variant, {})[p["key"]] = p["speedup"]
     blocks: list[Block] = [Heading(2, "Latency (ONNX Runtime)")]
     if with_plots and speedups:
-        blocks.append(Image(plots.speedup_png(speedups), "speedup vs dense"))
+        blocks.append(Image(plots.speedup_png(speedups, _colors(summary)), "speedup vs dense"))
     blocks.append(Table(headers, rows))
     blocks.append(
         Para(

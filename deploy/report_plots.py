@@ -16,7 +16,15 @@ from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any
 
-COLORS = {"dense": "#555555", "step1": "#1f77b4", "step2": "#d62728"}
+BASELINE_COLOR = "#555555"
+PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
+
+
+def variant_colors(names: list[str], baseline: str | None) -> dict[str, str]:
+    """Grey for the baseline, then the palette in the run's variant order."""
+    others = [n for n in names if n != baseline]
+    colors = {n: PALETTE[i % len(PALETTE)] for i, n in enumerate(others)}
+    return {**colors, **({baseline: BASELINE_COLOR} if baseline else {})}
 
 
 @dataclass(frozen=True)
@@ -80,7 +88,7 @@ def _labels_left(points: list[ParetoPoint]) -> list[bool]:
     return left
 
 
-def pareto_png(points: list[ParetoPoint], metric_name: str, point_key: str) -> bytes:
+def pareto_png(points: list[ParetoPoint], metric_name: str, point_key: str, colors: dict[str, str]) -> bytes:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.0, 4.4))
     front = pareto_front(points)
@@ -100,7 +108,7 @@ def pareto_png(points: list[ParetoPoint], metric_name: str, point_key: str) -> b
             p.latency_ms,
             p.metric,
             s=90,
-            color=COLORS.get(p.name, "#2ca02c"),
+            color=colors[p.name],
             edgecolor="black" if p in front else "none",
             zorder=2,
         )
@@ -129,7 +137,7 @@ def pareto_png(points: list[ParetoPoint], metric_name: str, point_key: str) -> b
     return _png(fig)
 
 
-def speedup_png(speedups: dict[str, dict[str, float]]) -> bytes:
+def speedup_png(speedups: dict[str, dict[str, float]], colors: dict[str, str]) -> bytes:
     """``speedups``: variant -> {point key -> speedup vs dense}."""
     import numpy as np
 
@@ -142,9 +150,9 @@ def speedup_png(speedups: dict[str, dict[str, float]]) -> bytes:
     x = np.arange(len(keys))
     for i, (variant, points) in enumerate(speedups.items()):
         values = [points.get(k, np.nan) for k in keys]
-        bars = ax.bar(x + i * width, values, width, label=variant, color=COLORS.get(variant, "#2ca02c"))
+        bars = ax.bar(x + i * width, values, width, label=variant, color=colors[variant])
         ax.bar_label(bars, fmt="%.2fx", fontsize=8, padding=2)
-    ax.axhline(1.0, color="#555555", linestyle="--", linewidth=1, label="dense")
+    ax.axhline(1.0, color=BASELINE_COLOR, linestyle="--", linewidth=1, label="dense")
     ax.set_xticks(x + width * (len(speedups) - 1) / 2)
     ax.set_xticklabels([k.replace("x", " x ") for k in keys])
     top = max((v for p in speedups.values() for v in p.values()), default=1.0)

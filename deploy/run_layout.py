@@ -16,53 +16,90 @@ serve, export-triton, build) reads it through these names only:
       summary.json              the numbers the report and the regression gate read
       report.md, report.html    mlpruning report
 
-Variants are ``dense`` (the teacher's export; also the latency baseline), ``step1`` and
-``step2``. The deployable model of a variant is ``opt/<variant>`` for pruned ones and
-``onnx/dense`` for the dense one.
+A run's variants are data (:class:`mlpruning.core.contract.Variant`): the run config makes the
+list (the dense teacher as the baseline, then one per pruning step) and ``run.json`` records it,
+so every reader takes the list from the run folder; a folder written before ``run.json`` had
+it holds ``dense``, ``step1`` and ``step2``. The deployable model of a variant is
+``opt/<variant>``, and ``onnx/<variant>`` for the baseline.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from mlpruning.core.contract import VARIANTS
+from mlpruning.core.contract import DEFAULT_VARIANTS, Variant
 from mlpruning.core.errors import UserError
+from mlpruning.core.jsonfile import read_json
 
 RUN_STATE = "run.json"
 SUMMARY = "summary.json"
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
+REDO = "delete run.json and run the config again"
 
 
-def checkpoint_dir(run: Path, variant: str) -> Path:
-    """The PyTorch checkpoint of a variant (the teacher for ``dense``)."""
-    return run / ("teacher" if variant == "dense" else variant)
+def variants(run: Path) -> tuple[Variant, ...]:
+    """The run's variants, in pipeline order, as its ``run.json`` lists them."""
+    listed = (read_json(run / RUN_STATE, "delete it to rerun every stage") or {}).get("variants")
+    if listed is None:
+        return DEFAULT_VARIANTS
+    try:
+        found = tuple(Variant(str(v["name"]), str(v["checkpoint"]), bool(v["baseline"])) for v in listed)
+    except (TypeError, KeyError, ValueError) as exc:
+        raise UserError(f"{run / RUN_STATE}: bad 'variants' entry ({exc}): {REDO}") from None
+    if sum(v.baseline for v in found) != 1:
+        raise UserError(f"{run / RUN_STATE}: 'variants' needs exactly one baseline: {REDO}")
+    return found
 
 
-def onnx_dir(run: Path, variant: str) -> Path:
-    return run / "onnx" / variant
+def variant_named(run: Path, name: str | Variant) -> Variant:
+    if isinstance(name, Variant):
+        return name
+    for variant in variants(run):
+        if variant.name == name:
+            return variant
+    known = ", ".join(v.name for v in variants(run))
+    raise UserError(f"unknown variant '{name}': use one of {known}")
 
 
-def opt_dir(run: Path, variant: str) -> Path:
-    return run / "opt" / variant
+def baseline(run: Path) -> Variant:
+    return next(v for v in variants(run) if v.baseline)
 
 
-def model_dir(run: Path, variant: str) -> Path:
-    """The folder a variant is deployed from (optimized for pruned variants)."""
-    return onnx_dir(run, variant) if variant == "dense" else opt_dir(run, variant)
+def checkpoint_dir(run: Path, variant: str | Variant) -> Path:
+    """The PyTorch checkpoint of a variant (the teacher for the baseline)."""
+    return run / variant_named(run, variant).checkpoint
 
 
-def verify_report(run: Path, variant: str) -> Path:
-    return run / "verify" / f"{variant}.json"
+def _name(variant: str | Variant) -> str:
+    return variant.name if isinstance(variant, Variant) else variant
 
 
-def bench_report(run: Path, variant: str) -> Path:
-    return run / "bench" / f"{variant}.json"
+def onnx_dir(run: Path, variant: str | Variant) -> Path:
+    return run / "onnx" / _name(variant)
+
+
+def opt_dir(run: Path, variant: str | Variant) -> Path:
+    return run / "opt" / _name(variant)
+
+
+def model_dir(run: Path, variant: str | Variant) -> Path:
+    """The folder a variant is deployed from (its export for the baseline, else optimized)."""
+    found = variant_named(run, variant)
+    return onnx_dir(run, found) if found.baseline else opt_dir(run, found)
+
+
+def verify_report(run: Path, variant: str | Variant) -> Path:
+    return run / "verify" / f"{_name(variant)}.json"
+
+
+def bench_report(run: Path, variant: str | Variant) -> Path:
+    return run / "bench" / f"{_name(variant)}.json"
 
 
 def present_variants(run: Path) -> list[str]:
     """Variants whose deployable model exists, in pipeline order."""
-    return [v for v in VARIANTS if (model_dir(run, v) / "model.onnx").is_file()]
+    return [v.name for v in variants(run) if (model_dir(run, v) / "model.onnx").is_file()]
 
 
 def best_variant(run: Path) -> str:
@@ -85,8 +122,8 @@ def resolve_variant(
         raise UserError(f"{path} does not exist: pass a run folder or a folder with model.onnx")
     if variant is None and any((path / f).is_file() for f in model_files):
         return path, None
-    if variant is not None and variant not in VARIANTS:
-        raise UserError(f"unknown variant '{variant}': use one of {', '.join(VARIANTS)}")
+    if variant is not None:
+        variant_named(path, variant)  # a one-line error for a name the run does not have
     present = present_variants(path)
     if not present:
         raise UserError(

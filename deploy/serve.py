@@ -51,7 +51,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from deploy.batcher import MicroBatcher, QueueFull, ServedModel, peek_json
-from deploy.run_layout import RUN_STATE, VARIANTS, bench_report, model_dir
+from deploy.run_layout import RUN_STATE, bench_report, model_dir, variants
 from deploy.run_layout import verify_report as verify_report_path
 from deploy.runtime import ONNX_FILE, PROVIDERS
 from deploy.triton import resolve_model_folder
@@ -125,9 +125,9 @@ def _run_of(folder: Path) -> tuple[Path | None, str | None]:
     """The run and variant a model folder belongs to, when it sits where a run puts it."""
     run = folder.resolve().parent.parent
     if (run / RUN_STATE).is_file():
-        for variant in VARIANTS:
+        for variant in variants(run):
             if model_dir(run, variant).resolve() == folder.resolve():
-                return run, variant
+                return run, variant.name
     return None, None
 
 

@@ -1,10 +1,11 @@
 """The numbers of one run folder in one file: ``summary.json``, read by the report and the gate.
 
-Each variant (``dense``, ``step1``, ``step2``; see :mod:`deploy.run_layout`) contributes what
+Each variant the run lists (:func:`deploy.run_layout.variants`: the dense baseline, then the
+pruned ones) contributes what
 its stages left behind, and a stage that has not run is listed under ``missing`` instead of
 failing the whole summary, so a half-finished run still gets a report:
 
-- checkpoint (``teacher/``, ``step1/``, ``step2/``): the PyTorch dev metric (``eval.json``), the
+- checkpoint (``teacher/`` for the baseline, ``step1/``, ...): the PyTorch dev metric (``eval.json``), the
   remaining-weight ratio, the per-layer structure (``structure.json``, or derived from
   ``pruning.json``) and the versions the training recorded;
 - ``onnx/<v>`` and ``opt/<v>``: whether the model exists, parameters before and after the
@@ -12,8 +13,8 @@ failing the whole summary, so a half-finished run still gets a report:
 - ``verify/<v>.json``: parity per stage (export, optimize) and the ONNX dev metric;
 - ``bench/<v>.json``: p50/p90/p99 per batch x sequence point and the speedup vs dense, the
   median of interleaved per-round ratios (what the gate compares: ratios stay stable on a
-  shared machine where absolute times drift). The dense variant's latency is its own bench
-  report when there is one, else the baseline side of a pruned variant's report.
+  shared machine where absolute times drift). The baseline's latency is its own bench report
+  when there is one, else the baseline side of a pruned variant's report.
 
 The task metric is the task's main metric (accuracy, F1 for MRPC, Pearson for STS-B); the value
 the gate checks is the ONNX one when verify ran (what is deployed), else the PyTorch one.
@@ -30,12 +31,19 @@ from typing import Any
 from deploy import run_layout as layout
 from mlpruning import __version__
 from mlpruning.core.atomic import write_json
+from mlpruning.core.contract import DEFAULT_VARIANTS, Variant
 from mlpruning.core.errors import UserError
 from mlpruning.core.jsonfile import read_json
 
 FORMAT = 1
 # Versions shown in the report, in this order; others recorded by a stage follow.
 VERSION_KEYS = ("python", "mlpruning", "torch", "transformers", "onnx", "onnxruntime")
+
+
+def is_baseline(summary: dict[str, Any], variant: str) -> bool:
+    """Whether ``variant`` is the run's dense baseline (summaries before the flag: ``dense``)."""
+    entry = summary["variants"].get(variant) or {}
+    return bool(entry.get("baseline", variant == summary.get("baseline", DEFAULT_VARIANTS[0].name)))
 
 
 def point_key(batch: int, seq: int) -> str:
@@ -52,7 +60,7 @@ def main_metric(task: str | None, metrics: dict[str, Any]) -> str | None:
     return names[0] if names else None
 
 
-def _checkpoint(run: Path, variant: str) -> dict[str, Any]:
+def _checkpoint(run: Path, variant: Variant) -> dict[str, Any]:
     folder = layout.checkpoint_dir(run, variant)
     manifest = read_json(folder / "pruning.json")
     structure = read_json(folder / "structure.json")
@@ -71,8 +79,8 @@ def _checkpoint(run: Path, variant: str) -> dict[str, Any]:
     }
 
 
-def _remaining_ratio(variant: str, ckpt: dict[str, Any]) -> float | None:
-    if variant == "dense":
+def _remaining_ratio(variant: Variant, ckpt: dict[str, Any]) -> float | None:
+    if variant.baseline:
         return 1.0
     for source in (ckpt["eval"], ckpt["structure"], ckpt["manifest"]):
         if source and source.get("remaining_ratio") is not None:
@@ -138,17 +146,18 @@ def _latency(report: dict[str, Any], side: str, source: str, dense: bool) -> dic
 
 def _dense_latency(run: Path) -> dict[str, Any] | None:
     """Dense latency from its own report, else from the baseline side of a pruned variant's."""
-    own = read_json(layout.bench_report(run, "dense"))
+    base = layout.baseline(run)
+    own = read_json(layout.bench_report(run, base))
     if own is not None:
-        return _latency(own, "model", "bench/dense.json", dense=True)
-    for variant in layout.VARIANTS[1:]:
-        report = read_json(layout.bench_report(run, variant))
+        return _latency(own, "model", f"bench/{base.name}.json", dense=True)
+    for variant in layout.variants(run):
+        report = read_json(layout.bench_report(run, variant)) if not variant.baseline else None
         if report and report.get("baseline") and report.get("points"):
-            return _latency(report, "baseline", f"bench/{variant}.json (baseline side)", dense=True)
+            return _latency(report, "baseline", f"bench/{variant.name}.json (baseline side)", dense=True)
     return None
 
 
-def _params(run: Path, variant: str) -> dict[str, int] | None:
+def _params(run: Path, variant: Variant) -> dict[str, int] | None:
     opt = read_json(layout.opt_dir(run, variant) / "optimize.json")
     passes = (opt or {}).get("passes") or []
     if not passes:
@@ -156,7 +165,9 @@ def _params(run: Path, variant: str) -> dict[str, int] | None:
     return {"before": passes[0].get("params_before"), "after": passes[-1].get("params_after")}
 
 
-def _stages(run: Path, variant: str, ckpt: dict[str, Any], latency: dict[str, Any] | None) -> dict[str, bool]:
+def _stages(
+    run: Path, variant: Variant, ckpt: dict[str, Any], latency: dict[str, Any] | None
+) -> dict[str, bool]:
     stages = {
         # a linked teacher may come without eval.json: its metric is then missing, not the stage
         "checkpoint": ckpt["eval"] is not None
@@ -166,8 +177,8 @@ def _stages(run: Path, variant: str, ckpt: dict[str, Any], latency: dict[str, An
         "verify": layout.verify_report(run, variant).is_file(),
         "bench": latency is not None,
     }
-    if variant == "dense":
-        del stages["optimize"]  # the dense variant is deployed from its export
+    if variant.baseline:
+        del stages["optimize"]  # the baseline is deployed from its export
     return stages
 
 
@@ -181,32 +192,33 @@ def _metric(
     return {"name": name, "pytorch": pytorch, "onnx": onnx, "value": onnx if onnx is not None else pytorch}
 
 
-def _variant(run: Path, variant: str, task: str | None) -> dict[str, Any] | None:
+def _variant(run: Path, variant: Variant, task: str | None) -> dict[str, Any] | None:
     ckpt = _checkpoint(run, variant)
     verify = read_json(layout.verify_report(run, variant))
-    if variant == "dense":
+    if variant.baseline:
         latency = _dense_latency(run)
     else:
         report = read_json(layout.bench_report(run, variant))
-        latency = _latency(report, "model", f"bench/{variant}.json", dense=False) if report else None
+        latency = _latency(report, "model", f"bench/{variant.name}.json", dense=False) if report else None
     stages = _stages(run, variant, ckpt, latency)
     if not any(stages.values()):
         return None
     return {
+        "baseline": variant.baseline,
         "stages": stages,
         "missing": [name for name, there in stages.items() if not there],
         "model_dir": str(layout.model_dir(run, variant).relative_to(run)),
         "metric": _metric(task, ckpt["eval"], verify),
         "remaining_ratio": _remaining_ratio(variant, ckpt),
         "params": _params(run, variant),
-        "structure": ckpt["structure"] if variant != "dense" else None,
+        "structure": None if variant.baseline else ckpt["structure"],
         "parity": _parity(verify),
         "latency": latency,
     }
 
 
 def _task(run: Path) -> str | None:
-    for variant in layout.VARIANTS:
+    for variant in layout.variants(run):
         for path in (
             layout.checkpoint_dir(run, variant) / "eval.json",
             layout.checkpoint_dir(run, variant) / "pruning.json",
@@ -222,18 +234,18 @@ def _task(run: Path) -> str | None:
 
 def _environment(run: Path) -> dict[str, Any] | None:
     """Hardware as the bench saw it: the first bench report's environment and thread count."""
-    for variant in layout.VARIANTS:
+    for variant in layout.variants(run):
         report = read_json(layout.bench_report(run, variant))
         if report and report.get("environment"):
             threads = (report.get("config") or {}).get("threads")
-            return {**report["environment"], "threads": threads, "source": f"bench/{variant}.json"}
+            return {**report["environment"], "threads": threads, "source": f"bench/{variant.name}.json"}
     return None
 
 
 def _versions(run: Path, environment: dict[str, Any] | None) -> tuple[dict[str, Any], list[str]]:
     """Versions the stages recorded, plus those the run did not record read here (and named)."""
     found: dict[str, Any] = {}
-    for variant in layout.VARIANTS:
+    for variant in layout.variants(run):
         found.update(_checkpoint(run, variant)["versions"])
         export = read_json(layout.onnx_dir(run, variant) / "export.json") or {}
         found.update({k: export[k] for k in ("torch", "onnxruntime", "onnx") if export.get(k)})
@@ -259,12 +271,12 @@ def build_summary(run: Path) -> dict[str, Any]:
     task = _task(run)
     variants = {}
     absent = []
-    for variant in layout.VARIANTS:
+    for variant in layout.variants(run):
         entry = _variant(run, variant, task)
         if entry is None:
-            absent.append(variant)
+            absent.append(variant.name)
         else:
-            variants[variant] = entry
+            variants[variant.name] = entry
     if not variants:
         raise UserError(f"{run} holds no stage output: run `mlpruning run CONFIG` first")
     environment = _environment(run)
@@ -275,6 +287,7 @@ def build_summary(run: Path) -> dict[str, Any]:
         "run": run.name,
         "task": task,
         "metric_name": metric_names[0] if metric_names else None,
+        "baseline": layout.baseline(run).name,
         "variants": variants,
         "absent_variants": absent,
         "environment": environment,

@@ -339,3 +339,39 @@ def test_report_reads_real_producer_output(masked, stripped, tmp_path):
     )
     assert summary["environment"]["provider"] and summary["versions"]["torch"]
     assert len(_images(paths["html"].read_text(encoding="utf-8"))) == 3  # Pareto, structure, speedup
+
+
+def test_variants_come_from_the_run_folder_not_from_names_in_the_code(tmp_path):
+    """A run whose run.json lists another variant (an INT8 copy of step 1, say) is summarized,
+    reported, gated and served with no code change: every reader takes the list from the run."""
+    from deploy.gate import make_baseline
+    from deploy.serve import resolve_target
+
+    run = make_run(tmp_path / "run", step2=False)
+    extra = "step1-int8"
+    shutil.copytree(layout.onnx_dir(run, "step1"), layout.onnx_dir(run, extra))
+    shutil.copytree(layout.opt_dir(run, "step1"), layout.opt_dir(run, extra))
+    _write(layout.verify_report(run, extra), _verify(run, "step1", 0.87))
+    faster = {k: 2 * v for k, v in SPEEDUPS["step1"].items()}
+    _write(layout.bench_report(run, extra), _bench(run, "step1", faster))
+    listed = [
+        {"name": "dense", "checkpoint": "teacher", "baseline": True},
+        {"name": "step1", "checkpoint": "step1", "baseline": False},
+        {"name": extra, "checkpoint": "step1", "baseline": False},
+    ]
+    _write(run / layout.RUN_STATE, {"format": 1, "variants": listed, "stages": {}})
+
+    assert layout.present_variants(run) == ["dense", "step1", extra]
+    assert layout.checkpoint_dir(run, extra) == run / "step1"
+    summary = build_summary(run)
+    assert list(summary["variants"]) == ["dense", "step1", extra] and summary["baseline"] == "dense"
+    assert summary["variants"][extra]["metric"]["value"] == pytest.approx(0.87)
+    gated = make_baseline(summary)["variants"]
+    assert gated["dense"]["speedups"] == {} and gated[extra]["speedups"] == {
+        k: pytest.approx(2 * v) for k, v in SPEEDUPS["step1"].items()
+    }
+    assert extra in write_report(run)["markdown"].read_text()
+    assert resolve_target(run) == (layout.opt_dir(run, extra), run, extra)  # the last one by default
+    assert resolve_target(layout.opt_dir(run, extra)) == (layout.opt_dir(run, extra), run, extra)
+    with pytest.raises(UserError, match=f"unknown variant 'step2': use one of dense, step1, {extra}"):
+        layout.resolve_variant(run, "step2")

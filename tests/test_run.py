@@ -13,7 +13,9 @@ from typer.testing import CliRunner
 from deploy import run_layout as L
 from mlpruning.cli import app, main
 from mlpruning.cli.run_config import load_run_config
+from mlpruning.cli.run_stages import StageActions, build_stages
 from mlpruning.cli.runner import RunState, Stage, content_hash, decide
+from mlpruning.core.errors import UserError
 from tests.conftest import make_glue_dir, save_tiny
 
 CONFIG = """
@@ -79,12 +81,14 @@ def test_run_writes_every_stage_then_skips_them(setup):
     config, out = setup
     first = _run(config, out)
     assert first.exit_code == 0, first.output
-    for v in L.VARIANTS:
+    names = [v.name for v in L.variants(out)]  # as run.json lists them
+    assert names == ["dense", "step1", "step2"]
+    for v in names:
         assert (L.model_dir(out, v) / "model.onnx").is_file(), v
         assert json.loads(L.verify_report(out, v).read_text())["passed"], v
     assert (out / L.REPORT_HTML).is_file() and (out / L.REPORT_MD).is_file()
     summary = json.loads((out / L.SUMMARY).read_text())
-    assert set(summary["variants"]) == set(L.VARIANTS)
+    assert set(summary["variants"]) == set(names)
     before = _state(out)
     assert all(rec["status"] == "done" for rec in before.values())
     again = _run(config, out)
@@ -150,6 +154,36 @@ def test_presets_are_valid(tmp_path, preset):
     cfg = load_run_config(Path("configs") / preset, tmp_path)
     assert cfg.task == "sst2" and cfg.step2 is not None
     assert cfg.step1.teacher == str(tmp_path / "teacher") and cfg.step2.source == str(tmp_path / "step1")
+
+
+def test_the_config_makes_the_variant_list_and_run_json_records_it(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text('[run]\ntask = "sst2"\n[step1]\ntarget = 0.5\n')
+    cfg = load_run_config(config, tmp_path / "run")
+    assert [(v.name, v.checkpoint, v.baseline) for v in cfg.variants] == [
+        ("dense", "teacher", True),
+        ("step1", "step1", False),
+    ]
+    state = RunState(tmp_path / "run", config, cfg.variants)
+    (tmp_path / "run").mkdir()
+    state.put("teacher", status="started")
+    assert [v.name for v in L.variants(tmp_path / "run")] == ["dense", "step1"]
+    stages = [s.name for s in build_stages(StageActions(cfg, tmp_path / "run", "cpu", None))]
+    assert not any("step2" in name for name in stages) and "bench:step1" in stages
+
+
+def test_a_variant_can_have_its_own_verify_bounds(tmp_path):
+    config = tmp_path / "c.toml"
+    body = '[step1]\ntarget = 0.5\n[step2]\ntarget = 0.6\n[verify]\natol = 2e-4\n'
+    config.write_text(body + "[verify.step2]\nmin_agreement = 0.99\nmax_metric_drop = 0.01\n")
+    cfg = load_run_config(config, tmp_path / "run")
+    assert cfg.verify_for("step1") == cfg.verify and cfg.verify.min_agreement == 1.0
+    step2 = cfg.verify_for("step2")
+    assert (step2.atol, step2.min_agreement, step2.max_metric_drop) == (2e-4, 0.99, 0.01)
+    assert cfg.stage_inputs("verify:step2") != cfg.stage_inputs("verify:step1")
+    config.write_text(body + "[verify.int8]\nmin_agreement = 0.99\n")
+    with pytest.raises(UserError, match=r"\[verify.int8\]: no such variant in this run; variants: dense, step1"):
+        load_run_config(config, tmp_path / "run")
 
 
 def _workflow_steps() -> list[dict]:

@@ -59,7 +59,7 @@ def run_pipeline(
     console.print(f"run {config} -> {run}: {len(stages)} stages")
     try:
         log = partial(console.print, markup=False, highlight=False)  # "[step1]" is not rich markup
-        results = execute(stages, cfg, RunState(run, config), log, forced)
+        results = execute(stages, cfg, RunState(run, config, cfg.variants), log, forced)
     except Interrupted:
         echo_err(f"interrupted: state saved in {run}; run the same command again to continue")
         raise typer.Exit(130) from None

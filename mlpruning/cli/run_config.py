@@ -7,7 +7,8 @@
     [step2]      optional: BlockPruneConfig fields except source (the run's step 1)
     [export]     exporter, opset
     [optimize]   OptimizeOptions fields: scatter_rows, block_sparse, block, ort_fusion
-    [verify]     atol, rtol, min_agreement, max_metric_drop
+    [verify]     atol, rtol, min_agreement, max_metric_drop; a [verify.<variant>] sub-table
+                 sets that variant's own (e.g. [verify.step2] max_metric_drop = 0.01)
     [bench]      batches, seqs, threads, rounds, iters
 
 Every table is turned into the same frozen config class the single-stage command uses, so
@@ -26,11 +27,13 @@ from deploy import run_layout as L
 from deploy.bench import BenchConfig
 from deploy.verify import Tolerance
 from graph_passes.registry import OptimizeOptions
+from mlpruning.core.contract import DEFAULT_VARIANTS, Variant
 from mlpruning.core.errors import UserError
 from pipeline.config import BlockPruneConfig, FinetuneConfig, PruneConfig, from_mapping, load_toml
 from pipeline.export import EXPORTERS
 
-TABLES = ("run", "finetune", "step1", "step2", "export", "optimize", "verify", "bench")
+PRUNING_TABLES = ("step1", "step2")  # each makes the variant of its name
+TABLES = ("run", "finetune", *PRUNING_TABLES, "export", "optimize", "verify", "bench")
 
 
 @dataclass(frozen=True)
@@ -59,12 +62,29 @@ class RunConfig:
     optimize: OptimizeOptions
     verify: Tolerance
     bench: BenchConfig
+    # the models the run deploys, baseline first: the teacher, then one per pruning table
+    variants: tuple[Variant, ...] = DEFAULT_VARIANTS
+    # [verify.<variant>] sub-tables: that variant's bounds, over the [verify] ones
+    verify_by_variant: tuple[tuple[str, Tolerance], ...] = ()
+
+    def verify_for(self, variant: str) -> Tolerance:
+        return dict(self.verify_by_variant).get(variant, self.verify)
+
+    @property
+    def baseline(self) -> Variant:
+        return next(v for v in self.variants if v.baseline)
+
+    @property
+    def pruned(self) -> tuple[Variant, ...]:
+        return tuple(v for v in self.variants if not v.baseline)
 
     def stage_inputs(self, stage: str) -> dict[str, Any]:
         """The config part a stage depends on (``export:step1`` -> the export table)."""
-        table = stage.split(":")[0]
+        table, _, variant = stage.partition(":")
         if table == "teacher":
             return {"teacher": self.teacher} if self.teacher else {"finetune": _plain(self.finetune)}
+        if table == "verify":
+            return {table: _plain(self.verify_for(variant))}
         return {table: _plain(getattr(self, table))}
 
 
@@ -111,17 +131,20 @@ def load_run_config(path: Path, run_dir: Path) -> RunConfig:
     finetune = from_mapping(FinetuneConfig, {"task": task, **_table(data, "finetune")}, f"{src} [finetune]")
     if finetune.task != from_mapping(FinetuneConfig, {"task": task}, src).task:
         raise UserError(f"{path} [finetune]: task differs from [run] task {task}: set it in [run] only")
-    for table in ("step1", "step2"):
+    for table in PRUNING_TABLES:
         given = table in data or table == "step1"  # step 1 is required, step 2 optional
         if given and "target" not in _table(data, table):
             raise UserError(f"{path} [{table}]: set target, the share of encoder weights to keep (e.g. 0.5)")
-    teacher_dir = str(L.checkpoint_dir(run_dir, "dense"))
+    dense = DEFAULT_VARIANTS[0]
+    variants = (dense, *(Variant(t, t) for t in PRUNING_TABLES if t in data or t == "step1"))
+    teacher_dir = str(L.checkpoint_dir(run_dir, dense))
     step1_values = {**_table(data, "step1"), "task": finetune.task, "teacher": teacher_dir}
     step1 = from_mapping(PruneConfig, step1_values, f"{src} [step1]")
     step2 = None
     if "step2" in data:
-        step2_values = {**_table(data, "step2"), "source": str(L.checkpoint_dir(run_dir, "step1"))}
+        step2_values = {**_table(data, "step2"), "source": str(L.checkpoint_dir(run_dir, variants[1]))}
         step2 = from_mapping(BlockPruneConfig, step2_values, f"{src} [step2]")
+    verify, by_variant = _verify(data, src, variants)
     return RunConfig(
         task=finetune.task,
         threads=threads,
@@ -131,9 +154,31 @@ def load_run_config(path: Path, run_dir: Path) -> RunConfig:
         step2=step2,
         export=from_mapping(ExportSettings, _table(data, "export"), f"{src} [export]"),
         optimize=from_mapping(OptimizeOptions, _table(data, "optimize"), f"{src} [optimize]"),
-        verify=from_mapping(Tolerance, _table(data, "verify"), f"{src} [verify]"),
+        verify=verify,
         bench=_bench(_table(data, "bench"), src),
+        variants=variants,
+        verify_by_variant=by_variant,
     )
+
+
+def _verify(
+    data: dict[str, Any], src: str, variants: tuple[Variant, ...]
+) -> tuple[Tolerance, tuple[tuple[str, Tolerance], ...]]:
+    """[verify] and its per-variant sub-tables ([verify.step2]: that variant's bounds over [verify]'s)."""
+    table = _table(data, "verify")
+    subs = {k: table.pop(k) for k in [k for k, v in table.items() if isinstance(v, dict)]}
+    names = [v.name for v in variants]
+    unknown = sorted(set(subs) - set(names))
+    if unknown:
+        known = ", ".join(names)
+        raise UserError(f"{src} [verify.{unknown[0]}]: no such variant in this run; variants: {known}")
+    base = from_mapping(Tolerance, table, f"{src} [verify]")
+    merged = tuple(
+        (name, from_mapping(Tolerance, {**table, **subs[name]}, f"{src} [verify.{name}]"))
+        for name in names
+        if name in subs
+    )
+    return base, merged
 
 
 def _bench(values: dict[str, Any], src: str) -> BenchConfig:

@@ -14,6 +14,7 @@ from deploy import run_layout as L
 from mlpruning.cli.run_config import RunConfig
 from mlpruning.cli.runner import Stage
 from mlpruning.core.atomic import write_json
+from mlpruning.core.contract import Variant
 
 
 class StageActions:
@@ -24,7 +25,7 @@ class StageActions:
 
     def link_teacher(self, resume: bool) -> dict[str, Any]:
         target = Path(self.cfg.teacher or "").resolve()
-        link = L.checkpoint_dir(self.run, "dense")
+        link = L.checkpoint_dir(self.run, self.cfg.baseline)
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(target, target_is_directory=True)
         return {"linked": str(target)}
@@ -32,16 +33,16 @@ class StageActions:
     def finetune(self, resume: bool) -> dict[str, Any] | None:
         from pipeline.finetune import Finetuner
 
-        out = L.checkpoint_dir(self.run, "dense")
+        out = L.checkpoint_dir(self.run, self.cfg.baseline)
         result = Finetuner(self.cfg.finetune, out, self.progress, device=self.device).run(resume=resume)
         return result.metrics if result else None
 
-    def prune(self, variant: str, resume: bool) -> dict[str, Any] | None:
+    def prune(self, variant: Variant, resume: bool) -> dict[str, Any] | None:
         from pipeline.pruning.block_pruner import BlockPruner
         from pipeline.pruning.pruner import Pruner
 
         out = L.checkpoint_dir(self.run, variant)
-        if variant == "step1":
+        if variant.name == "step1":  # the method's two steps: heads and rows, then blocks
             runner: Any = Pruner(self.cfg.step1, out, self.progress, device=self.device)
         else:
             assert self.cfg.step2 is not None
@@ -49,7 +50,7 @@ class StageActions:
         result = runner.run(resume=resume)
         return result.metrics if result else None
 
-    def export(self, variant: str, resume: bool) -> dict[str, Any]:
+    def export(self, variant: Variant, resume: bool) -> dict[str, Any]:
         from pipeline.export import export_onnx
 
         settings = self.cfg.export
@@ -57,7 +58,7 @@ class StageActions:
         report = export_onnx(src, out, settings.opset, settings.exporter)
         return {"parity_max_abs_diff": report["parity_max_abs_diff"]}
 
-    def optimize(self, variant: str, resume: bool) -> dict[str, Any]:
+    def optimize(self, variant: Variant, resume: bool) -> dict[str, Any]:
         from graph_passes.optimize import optimize
 
         s = self.cfg.optimize
@@ -65,22 +66,24 @@ class StageActions:
         report = optimize(src, out, s)
         return {"passes": [p.get("name") for p in report["passes"]]}
 
-    def verify(self, variant: str, resume: bool) -> dict[str, Any]:
+    def verify(self, variant: Variant, resume: bool) -> dict[str, Any]:
         from deploy.verify import verify
 
         stages = [L.onnx_dir(self.run, variant)]
-        if variant != "dense":
+        if not variant.baseline:
             stages.append(L.opt_dir(self.run, variant))
         data_dir = Path(self.cfg.finetune.data_dir) if self.cfg.finetune.data_dir else None
-        report = verify(stages, L.checkpoint_dir(self.run, variant), self.cfg.task, data_dir, self.cfg.verify)
+        tol = self.cfg.verify_for(variant.name)
+        report = verify(stages, L.checkpoint_dir(self.run, variant), self.cfg.task, data_dir, tol)
         write_json(L.verify_report(self.run, variant), report)
         return {"passed": report["passed"], "onnx": report["metric"]["onnx"]}
 
-    def bench(self, variant: str, resume: bool) -> dict[str, Any]:
+    def bench(self, variant: Variant, resume: bool) -> dict[str, Any]:
         from deploy.bench import bench
         from deploy.summary import point_key
 
-        report = bench(L.opt_dir(self.run, variant), L.onnx_dir(self.run, "dense"), self.cfg.bench)
+        baseline = L.onnx_dir(self.run, self.cfg.baseline)
+        report = bench(L.opt_dir(self.run, variant), baseline, self.cfg.bench)
         write_json(L.bench_report(self.run, variant), report)
         return {point_key(p["batch"], p["seq"]): p["speedup_median"] for p in report["points"]}
 
@@ -88,31 +91,33 @@ class StageActions:
 def build_stages(actions: StageActions) -> list[Stage]:
     """Every stage of the configured pipeline, in order."""
     cfg, run = actions.cfg, actions.run
-    pruned = ["step1", *(["step2"] if cfg.step2 else [])]
-    teacher = L.checkpoint_dir(run, "dense")
+    dense, pruned = cfg.baseline, cfg.pruned
+    teacher = L.checkpoint_dir(run, dense)
     if cfg.teacher:
-        stages = [Stage("teacher", teacher, teacher / "config.json", (), actions.link_teacher)]
+        stages = [Stage(dense.checkpoint, teacher, teacher / "config.json", (), actions.link_teacher)]
     else:
-        stages = [Stage("teacher", teacher, teacher / "eval.json", (), actions.finetune, trains=True)]
-    upstream = {"step1": "teacher", "step2": "step1"}
-    for v in pruned:
+        stages = [Stage(dense.checkpoint, teacher, teacher / "eval.json", (), actions.finetune, trains=True)]
+    upstream = dense.checkpoint
+    for v in pruned:  # each step prunes the one before it (step 2 the step-1 checkpoint)
         out = L.checkpoint_dir(run, v)
-        action = partial(actions.prune, v)
-        stages.append(Stage(v, out, out / "eval.json", (upstream[v],), action, trains=True))
-    for v in ["dense", *pruned]:
-        out, ckpt = L.onnx_dir(run, v), "teacher" if v == "dense" else v
-        stages.append(Stage(f"export:{v}", out, out / "export.json", (ckpt,), partial(actions.export, v)))
+        prune = partial(actions.prune, v)
+        stages.append(Stage(v.checkpoint, out, out / "eval.json", (upstream,), prune, trains=True))
+        upstream = v.checkpoint
+    for v in cfg.variants:
+        out = L.onnx_dir(run, v)
+        export = partial(actions.export, v)
+        stages.append(Stage(f"export:{v.name}", out, out / "export.json", (v.checkpoint,), export))
     for v in pruned:
         out = L.opt_dir(run, v)
-        deps = (f"export:{v}",)
-        stages.append(Stage(f"optimize:{v}", out, out / "optimize.json", deps, partial(actions.optimize, v)))
-    for v in ["dense", *pruned]:
+        optimize, deps = partial(actions.optimize, v), (f"export:{v.name}",)
+        stages.append(Stage(f"optimize:{v.name}", out, out / "optimize.json", deps, optimize))
+    for v in cfg.variants:
         report = L.verify_report(run, v)
-        model = "export:dense" if v == "dense" else f"optimize:{v}"
-        deps = (model, f"export:{v}", "teacher" if v == "dense" else v)
-        stages.append(Stage(f"verify:{v}", report, report, deps, partial(actions.verify, v)))
+        model = f"export:{v.name}" if v.baseline else f"optimize:{v.name}"
+        deps = (model, f"export:{v.name}", v.checkpoint)
+        stages.append(Stage(f"verify:{v.name}", report, report, deps, partial(actions.verify, v)))
     for v in pruned:
         report = L.bench_report(run, v)
-        deps = (f"optimize:{v}", "export:dense")
-        stages.append(Stage(f"bench:{v}", report, report, deps, partial(actions.bench, v)))
+        deps = (f"optimize:{v.name}", f"export:{dense.name}")
+        stages.append(Stage(f"bench:{v.name}", report, report, deps, partial(actions.bench, v)))
     return stages

@@ -32,6 +32,7 @@ from typing import Any
 from deploy import run_layout as L
 from mlpruning.cli.run_config import RunConfig
 from mlpruning.core.atomic import write_json
+from mlpruning.core.contract import DEFAULT_VARIANTS, Variant
 from mlpruning.core.jsonfile import read_json
 
 STATE_FORMAT = 1
@@ -67,9 +68,16 @@ def content_hash(path: Path) -> str:
 class RunState:
     """``run.json``: per-stage hashes and timings, rewritten atomically after every change."""
 
-    def __init__(self, run: Path, config_file: Path) -> None:
+    def __init__(
+        self, run: Path, config_file: Path, variants: tuple[Variant, ...] = DEFAULT_VARIANTS
+    ) -> None:
         self.path = run / L.RUN_STATE
-        self.data: dict[str, Any] = {"format": STATE_FORMAT, "config_file": str(config_file), "stages": {}}
+        self.data: dict[str, Any] = {
+            "format": STATE_FORMAT,
+            "config_file": str(config_file),
+            "variants": [v.to_json() for v in variants],  # what every reader of the run lists
+            "stages": {},
+        }
         old = read_json(self.path, "delete it to rerun every stage")
         if old is not None:
             self.data["stages"] = old.get("stages", {})

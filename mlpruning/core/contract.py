@@ -1,5 +1,5 @@
 """The artifact contract between stages: file names, tokenizer files, the prunable linears, the
-architecture families and the variant names. One definition each; every stage imports them here.
+architecture families and a run's variants. One definition each; every stage imports them here.
 
 Folders written by the pipeline (see ``docs/formats.md``):
 
@@ -46,7 +46,34 @@ TOKENIZER_FILES = (
 VOCAB_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
 
 LINEARS = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")
-VARIANTS = ("dense", "step1", "step2")  # a run's models, in pipeline order
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One model a run deploys. ``checkpoint``: the run-folder entry holding its PyTorch
+    checkpoint (verify's reference). The ``baseline`` variant is the dense model: deployed from
+    its export, and the latency every other variant is measured against; the others are
+    deployed from their optimized folder."""
+
+    name: str
+    checkpoint: str
+    baseline: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
+            raise ValueError(f"variant name must be letters, digits, - or _, got {self.name!r}")
+
+    def to_json(self) -> dict[str, object]:
+        return {"name": self.name, "checkpoint": self.checkpoint, "baseline": self.baseline}
+
+
+# The variants of a run folder written before run.json listed its own (and of a run whose
+# config has a step 2): the dense teacher, step 1 and step 2, in pipeline order.
+DEFAULT_VARIANTS = (
+    Variant("dense", "teacher", baseline=True),
+    Variant("step1", "step1"),
+    Variant("step2", "step2"),
+)
 
 
 @dataclass(frozen=True)
