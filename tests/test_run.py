@@ -174,7 +174,7 @@ def test_the_config_makes_the_variant_list_and_run_json_records_it(tmp_path):
 
 def test_a_variant_can_have_its_own_verify_bounds(tmp_path):
     config = tmp_path / "c.toml"
-    body = '[step1]\ntarget = 0.5\n[step2]\ntarget = 0.6\n[verify]\natol = 2e-4\n'
+    body = "[step1]\ntarget = 0.5\n[step2]\ntarget = 0.6\n[verify]\natol = 2e-4\n"
     config.write_text(body + "[verify.step2]\nmin_agreement = 0.99\nmax_metric_drop = 0.01\n")
     cfg = load_run_config(config, tmp_path / "run")
     assert cfg.verify_for("step1") == cfg.verify and cfg.verify.min_agreement == 1.0
