@@ -29,11 +29,12 @@ every candidate it tiles is pooled from that small map, so a BERT-base encoder (
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+
+from mlpruning.core.contract import parse_block_shape
 
 Block = tuple[int, int]  # (bi, bo): input features x output features of W^T
 
@@ -51,10 +52,10 @@ def parse_block(text: str) -> str | Block:
     text = str(text).strip().lower()
     if text in SEARCH_MODES:
         return text
-    match = re.fullmatch(r"(\d+)(?:x(\d+))?", text)
-    if not match or not 1 <= int(match[1]) <= 1024 or not 1 <= int(match[2] or match[1]) <= 1024:
+    shape = parse_block_shape(text)
+    if shape is None:
         raise ValueError(f"--block {text}: use auto, none, N or RxC (rows x columns, e.g. 32 or 32x16)")
-    rows, cols = int(match[1]), int(match[2] or match[1])
+    rows, cols = shape
     return (cols, rows)  # W [out, in] rows are W^T's columns
 
 
@@ -64,7 +65,8 @@ def nonzero_blocks(nonzero: np.ndarray, block: Block) -> np.ndarray:
     return nonzero.reshape(n_in // bi, bi, n_out // bo, bo).any(axis=(1, 3))
 
 
-def _divides(shape: tuple[int, int], block: Block) -> bool:
+def divides(shape: tuple[int, ...], block: Block) -> bool:
+    """Whether ``block`` tiles a weight of ``shape`` exactly."""
     return shape[0] % block[0] == 0 and shape[1] % block[1] == 0
 
 
@@ -75,12 +77,12 @@ def _pooled(base: np.ndarray, base_block: Block, block: Block) -> np.ndarray:
 
 def _maps(nonzero: np.ndarray, candidates: tuple[Block, ...]) -> dict[Block, np.ndarray]:
     """The kept-block map of every candidate that divides the weight."""
-    fits = [b for b in candidates if _divides(nonzero.shape, b)]
+    fits = [b for b in candidates if divides(nonzero.shape, b)]
     maps: dict[Block, np.ndarray] = {}
     if not fits:
         return maps
     base = (min(b[0] for b in fits), min(b[1] for b in fits))
-    tiled = _divides(nonzero.shape, base) and all(b[0] % base[0] == 0 and b[1] % base[1] == 0 for b in fits)
+    tiled = divides(nonzero.shape, base) and all(b[0] % base[0] == 0 and b[1] % base[1] == 0 for b in fits)
     base_map = nonzero_blocks(nonzero, base) if tiled else None
     for b in fits:
         maps[b] = _pooled(base_map, base, b) if base_map is not None else nonzero_blocks(nonzero, b)

@@ -32,10 +32,11 @@ import onnx_ir as ir
 import onnx_ir.passes.common  # RemoveUnusedNodesPass
 
 from graph_passes.block_cost import decide_by_measuring, measure
-from graph_passes.block_detect import CANDIDATES, Block, Sparsity, detect
+from graph_passes.block_detect import CANDIDATES, Block, Sparsity, detect, divides
 from graph_passes.block_sparse import replace_linear
 from graph_passes.linears import LinearSite, StripReport, find_linears, linear_params
 from mlpruning.core.errors import UserError
+from mlpruning.core.manifest import Manifest
 
 MODES = ("auto", "dense", "sparse")
 WORTH_TIMING = 0.25  # share of a matrix's weights that are zeros outside blocks, to time the what-if
@@ -70,7 +71,7 @@ class BlockSparsePass(ir.passes.InPlacePass):
     """
 
     def __init__(
-        self, manifest: dict[str, Any], mode: str = "auto", tokens: int = 128, search: str | Block = "auto"
+        self, manifest: Manifest, mode: str = "auto", tokens: int = 128, search: str | Block = "auto"
     ) -> None:
         super().__init__()
         if mode not in MODES:
@@ -136,7 +137,7 @@ class BlockSparsePass(ir.passes.InPlacePass):
         if what_if is not None:
             found["as_blocks"] = what_if
         if sparsity.block is None:
-            fits = [b for b in candidates if wt.shape[0] % b[0] == 0 and wt.shape[1] % b[1] == 0]
+            fits = [b for b in candidates if divides(wt.shape, b)]
             why = "no all-zero block" if fits else "no candidate block divides the weight"
             self._record(site, found, "dense", f"{sparsity.zeros:.0%} zeros, {why}")
             return
@@ -152,7 +153,7 @@ class BlockSparsePass(ir.passes.InPlacePass):
         """
         left = sparsity.vector + sparsity.n_m + sparsity.unstructured
         n_in, n_out = sparsity.shape
-        block = next((b for b in ((32, 32), (16, 16)) if n_in % b[0] == 0 and n_out % b[1] == 0), None)
+        block = next((b for b in ((32, 32), (16, 16)) if divides((n_in, n_out), b)), None)
         if self.mode != "auto" or left < WORTH_TIMING or block is None:
             return None
         density = max(DENSITY_STEP, round((1 - sparsity.zeros) / DENSITY_STEP) * DENSITY_STEP)

@@ -27,8 +27,9 @@ import onnx_ir as ir
 
 from graph_passes.linears import LinearSite, const_array, find_linears, head_is_live, reshape_after
 from graph_passes.scopes import nodes_by_module
-from mlpruning.core.contract import FAMILIES
+from mlpruning.core.contract import FAMILIES, LINEARS
 from mlpruning.core.errors import UserError
+from mlpruning.core.manifest import LayerEntry, Manifest
 
 DETECTED_KIND = "detected"
 
@@ -103,7 +104,7 @@ def _nonzero(array: np.ndarray, axis: int) -> np.ndarray:
     return np.flatnonzero(np.abs(array).sum(axis=axis) > 0)
 
 
-def _layer_record(sites: dict[tuple[int, str], LinearSite], layer: int, heads: int) -> dict[str, Any]:
+def _layer_record(sites: dict[tuple[int, str], LinearSite], layer: int, heads: int) -> LayerEntry:
     v, o = sites[(layer, "value")], sites[(layer, "attn_out")]
     ffn_out = sites[(layer, "ffn_out")]
     kept = [h for h in range(heads) if head_is_live(v, o, h, v.weight.shape[1] // heads)]
@@ -123,15 +124,12 @@ def _layer_record(sites: dict[tuple[int, str], LinearSite], layer: int, heads: i
     }
 
 
-def detect_manifest(
-    model: ir.Model, config: dict[str, Any] | None, num_heads: int | None = None
-) -> dict[str, Any]:
+def detect_manifest(model: ir.Model, config: dict[str, Any] | None, num_heads: int | None = None) -> Manifest:
     """A manifest equivalent to ``pruning.json``, derived from the graph and its weight zeros."""
     layout = _layout(model)
-    draft = {"adapter": layout["adapter"], "geometry": {"num_layers": layout["num_layers"]}}
+    draft = Manifest(adapter=layout["adapter"], geometry={"num_layers": layout["num_layers"]})
     sites = find_linears(model, draft)
-    names = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")
-    missing = [f"layer {i} {n}" for i in range(layout["num_layers"]) for n in names if (i, n) not in sites]
+    missing = [f"layer {i} {n}" for i in range(layout["num_layers"]) for n in LINEARS if (i, n) not in sites]
     if missing:
         raise UserError(f"model.onnx lacks prunable linears ({', '.join(missing[:3])}): pass a pruning.json")
     query = sites[(0, "query")]
@@ -143,11 +141,11 @@ def detect_manifest(
         "hidden": query.weight.shape[0],
         "intermediate": sites[(0, "ffn_in")].weight.shape[1],
     }
-    return {
-        "format_version": 1,
-        "kind": DETECTED_KIND,
-        "source": "weight zeros (no pruning.json)",
-        "geometry": geometry,
-        "adapter": layout["adapter"],
-        "layers": [_layer_record(sites, i, heads) for i in range(layout["num_layers"])],
-    }
+    return Manifest(
+        format_version=1,
+        kind=DETECTED_KIND,
+        source="weight zeros (no pruning.json)",
+        geometry=geometry,
+        adapter=layout["adapter"],
+        layers=[_layer_record(sites, i, heads) for i in range(layout["num_layers"])],
+    )

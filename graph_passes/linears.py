@@ -18,6 +18,7 @@ import onnx_ir as ir
 
 from graph_passes.scopes import module_prefix, nodes_by_module
 from mlpruning.core.contract import LINEARS
+from mlpruning.core.manifest import Manifest
 
 BIAS_ONLY = "__bias_only"  # name suffix of the bias a collapsed linear leaves behind
 
@@ -91,7 +92,7 @@ def _bias_add(nodes: list[ir.Node], matmul: ir.Node) -> tuple[ir.Node | None, in
     return None, -1, None
 
 
-def find_linears(model: ir.Model, manifest: dict[str, Any]) -> dict[tuple[int, str], LinearSite]:
+def find_linears(model: ir.Model, manifest: Manifest) -> dict[tuple[int, str], LinearSite]:
     """Every prunable linear, keyed by (layer, name); missing ones are simply absent."""
     adapter = manifest["adapter"]
     groups = nodes_by_module(model.graph)
@@ -213,7 +214,7 @@ def count_params(sites: dict[tuple[int, str], LinearSite]) -> int:
     return total
 
 
-def linear_params(model: ir.Model, manifest: dict[str, Any]) -> int:
+def linear_params(model: ir.Model, manifest: Manifest) -> int:
     """Weights of the prunable linears: MatMul/Add initializers plus BlockSparseLinear blocks."""
     total = count_params(find_linears(model, manifest))
     # biases left by layers collapsed to "+ bias" (replace_output_with_bias)

@@ -25,6 +25,7 @@ from graph_passes.scatter_rows import MODES as SCATTER_MODES
 from graph_passes.scatter_rows import ScatterRowsPass
 from graph_passes.strip_heads import StripHeadsPass
 from graph_passes.strip_rows import StripRowsPass
+from mlpruning.core.manifest import Manifest
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,6 @@ def register(spec: PassSpec, before: str | None = None) -> None:
     PASSES.insert(names.index(before) if before is not None else len(PASSES), spec)
 
 
-def build_passes(manifest: dict[str, Any], options: OptimizeOptions) -> list[tuple[str, Any]]:
+def build_passes(manifest: Manifest, options: OptimizeOptions) -> list[tuple[str, Any]]:
     """(name, pass) for every registered pass, in order."""
     return [(spec.name, spec.build(manifest, options)) for spec in PASSES]

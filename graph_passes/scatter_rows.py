@@ -17,8 +17,6 @@ faster. Every decision and its timings go in the report.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import onnx_ir as ir
 
@@ -32,6 +30,7 @@ from graph_passes.linears import (
 )
 from graph_passes.scatter_cost import ScatterCost
 from mlpruning.core.errors import UserError
+from mlpruning.core.manifest import Manifest
 
 MODES = ("auto", "dense", "scatter")
 _KEPT = {"attn_out": "attn_out_rows_kept_indices", "ffn_out": "ffn_out_rows_kept_indices"}
@@ -57,7 +56,7 @@ def _scatter(site: LinearSite, kept: np.ndarray) -> None:
 class ScatterRowsPass(ir.passes.InPlacePass):
     """Shrink O and FFN-out to their kept output rows where the cost says it pays."""
 
-    def __init__(self, manifest: dict[str, Any], mode: str = "auto", cost: ScatterCost | None = None) -> None:
+    def __init__(self, manifest: Manifest, mode: str = "auto", cost: ScatterCost | None = None) -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"scatter mode {mode!r}: use one of {', '.join(MODES)}")

@@ -31,8 +31,6 @@ batch and sequence by the residual Add) and the unused attention nodes are remov
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common  # RemoveUnusedNodesPass
@@ -50,6 +48,7 @@ from graph_passes.linears import (
     reshape_after,
 )
 from mlpruning.core.errors import UserError
+from mlpruning.core.manifest import Manifest
 
 
 def _columns(heads: list[int], d: int) -> np.ndarray:
@@ -159,7 +158,7 @@ def _set_head_count(reshape: ir.Node, heads: int, tag: str) -> None:
 class StripHeadsPass(ir.passes.InPlacePass):
     """Slice Q/K/V output features and O input features down to the kept heads."""
 
-    def __init__(self, manifest: dict[str, Any]) -> None:
+    def __init__(self, manifest: Manifest) -> None:
         super().__init__()
         self.manifest = manifest
         self.report = StripReport("strip_heads")

@@ -14,8 +14,6 @@ A layer with no kept neuron computes FFN-out(act(.)) @ 0 + b, so its FFN collaps
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common  # RemoveUnusedNodesPass
@@ -29,12 +27,13 @@ from graph_passes.linears import (
     replace_output_with_bias,
 )
 from mlpruning.core.errors import UserError
+from mlpruning.core.manifest import Manifest
 
 
 class StripRowsPass(ir.passes.InPlacePass):
     """Slice FFN-in output features and FFN-out input features down to the kept neurons."""
 
-    def __init__(self, manifest: dict[str, Any]) -> None:
+    def __init__(self, manifest: Manifest) -> None:
         super().__init__()
         self.manifest = manifest
         self.report = StripReport("strip_rows")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from mlpruning.core.contract import MAX_BLOCK_SIDE, parse_block_shape
 from mlpruning.core.errors import UserError
 from pipeline.models import DEFAULT_MODEL
 from pipeline.tasks import get_task
@@ -278,12 +279,11 @@ PRUNE_STEPS = ("head_row", "block")
 
 def parse_block(text: str | int) -> tuple[int, int]:
     """'32' -> (32, 32); '32x16' -> (32, 16), as (rows, columns) of the torch weight [out, in]."""
-    parts = str(text).lower().split("x")
-    if len(parts) not in (1, 2) or not all(p.strip().isdigit() for p in parts):
-        raise ValueError(f"block must be N or NxM (rows x columns), got {text!r}")
-    sides = tuple(int(p) for p in parts)
-    _check(all(1 <= s <= 1024 for s in sides), "block", "N or NxM with sides in [1, 1024]", text)
-    return (sides[0], sides[-1])
+    shape = parse_block_shape(text)
+    if shape is None:
+        sides = f"sides in [1, {MAX_BLOCK_SIDE}]"
+        raise ValueError(f"block must be N or NxM (rows x columns, {sides}), got {text!r}")
+    return shape
 
 
 def prune_step(path: Path | None, step: str | None) -> str:

@@ -19,6 +19,7 @@ encoder and any task head on top of it, and any ONNX graph of them, are read the
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 ONNX_FILE = "model.onnx"
@@ -46,6 +47,17 @@ TOKENIZER_FILES = (
 VOCAB_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
 
 LINEARS = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")
+MAX_BLOCK_SIDE = 1024
+
+
+def parse_block_shape(text: str | int) -> tuple[int, int] | None:
+    """A block size as users write it, ``N`` or ``RxC``: (rows, columns) of the PyTorch weight
+    W [out, in], each side in [1, MAX_BLOCK_SIDE]; None when ``text`` is not such a size."""
+    match = re.fullmatch(r"\s*(\d+)\s*(?:x\s*(\d+)\s*)?", str(text).lower())
+    if not match:
+        return None
+    rows, cols = int(match[1]), int(match[2] or match[1])
+    return (rows, cols) if 1 <= rows <= MAX_BLOCK_SIDE and 1 <= cols <= MAX_BLOCK_SIDE else None
 
 
 @dataclass(frozen=True)

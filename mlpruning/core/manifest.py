@@ -11,9 +11,10 @@ a summary table or a graph pass. Both sides of the pipeline check it here, again
 - :func:`check_export_manifest`: an exported ONNX folder's manifest, as far as the graph passes
   read it (a ``detected`` manifest has no task, step or ratio).
 
-:func:`read_manifest` reads, back-fills older formats and checks; :func:`write_manifest` checks
-what it writes the same way. A problem is one UserError ``<path>: <what is wrong>: <fix>``.
-The format is specified in ``docs/formats.md``.
+:func:`read_manifest` reads, back-fills older formats and checks, and returns a
+:class:`Manifest` (a ``TypedDict``: the checked keys with their types);
+:func:`write_manifest` checks what it writes the same way. A problem is one UserError
+``<path>: <what is wrong>: <fix>``. The format is specified in ``docs/formats.md``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypedDict, cast
 
 from mlpruning.core.atomic import write_json
 from mlpruning.core.contract import LINEARS, Geometry
@@ -51,6 +52,64 @@ COUNTS = {
     "ffn_out_rows_kept": ("hidden", "ffn_out_rows_kept_indices"),
 }
 BLOCK_ENTRY_KEYS = ("block", "mask_shape", "kept_block_cols", "kept", "live", "total")
+
+
+class BlockEntry(TypedDict):
+    """Step 2, one matrix: the kept [b_out, b_in] blocks, by block-row."""
+
+    block: list[int]  # [b_out, b_in]
+    mask_shape: list[int]  # [block-rows, block-cols]
+    kept_block_cols: list[list[int]]  # per block-row, its kept block-columns
+    kept: int
+    live: int  # kept blocks whose rows and columns survive step 1
+    total: int
+
+
+class LayerEntry(TypedDict, total=False):
+    """One encoder layer: what the masks keep (index lists are in the original numbering)."""
+
+    heads_kept: list[int]
+    num_heads_kept: int
+    attn_out_rows_kept: int
+    ffn_rows_kept: int
+    ffn_out_rows_kept: int
+    attn_out_rows_kept_indices: list[int]
+    ffn_rows_kept_indices: list[int]
+    ffn_out_rows_kept_indices: list[int]
+    matrices: dict[str, Any]
+    blocks: dict[str, BlockEntry]  # keyed by LINEARS; step 2 only
+
+
+class Adapter(TypedDict):
+    """Module paths of the six prunable linears, relative to ``prefix`` + ``layers``.<i>."""
+
+    family: str
+    prefix: str
+    layers: str
+    query: str
+    key: str
+    value: str
+    attn_out: str
+    ffn_in: str
+    ffn_out: str
+
+
+class Manifest(TypedDict, total=False):
+    """``pruning.json`` as :func:`read_manifest` returns it: every key below is checked for its
+    type and range before a stage sees it (``docs/formats.md`` has the rest of the keys)."""
+
+    format_version: int
+    kind: Literal["masked", "dense", "detected"]
+    source: str  # a detected manifest: what it was derived from
+    task: str
+    step: Literal["head_row", "block"]
+    block: list[int] | None  # [b_out, b_in] for step 2
+    row_balanced: bool
+    remaining_ratio: float
+    remaining_ratio_of_step1: float | None
+    geometry: dict[str, int]  # Geometry's fields
+    adapter: Adapter
+    layers: list[LayerEntry]
 
 
 class _Bad(Exception):
@@ -193,7 +252,7 @@ def _names(manifest: dict[str, Any], required: tuple[str, ...], optional: tuple[
             raise _Bad(f"{key} is {_show(value)}, not a name")
 
 
-def check_masked_manifest(manifest: dict[str, Any], path: Path) -> None:
+def check_masked_manifest(manifest: Manifest | dict[str, Any], path: Path) -> None:
     """Raise a UserError unless ``manifest`` (step-2 keys back-filled) is a masked checkpoint's."""
     with _reported(path, CHECKPOINT_FIX):
         _format(manifest, path)
@@ -214,7 +273,7 @@ def check_masked_manifest(manifest: dict[str, Any], path: Path) -> None:
             _counts_agree(layer, f"layers[{i}]")
 
 
-def check_export_manifest(manifest: dict[str, Any], path: Path) -> None:
+def check_export_manifest(manifest: Manifest | dict[str, Any], path: Path) -> None:
     """Raise a UserError unless the graph passes can read ``manifest`` (an export's pruning.json)."""
     with _reported(path, EXPORT_FIX):
         _format(manifest, path)
@@ -239,7 +298,7 @@ def _backfill(manifest: dict[str, Any]) -> dict[str, Any]:
     return manifest
 
 
-def read_manifest(path: Path, kind: str) -> dict[str, Any]:
+def read_manifest(path: Path, kind: str) -> Manifest:
     """The one reader of ``pruning.json``: a ``checkpoint``'s or an ``export``'s, back-filled and checked.
 
     A missing, corrupt, newer-format or malformed file is one UserError naming the fix.
@@ -252,10 +311,10 @@ def read_manifest(path: Path, kind: str) -> dict[str, Any]:
         check_masked_manifest(_backfill(manifest), path)
     else:
         check_export_manifest(manifest, path)
-    return manifest
+    return cast(Manifest, manifest)  # checked above: the keys a Manifest names have its types
 
 
-def write_manifest(path: Path, manifest: dict[str, Any], kind: str) -> None:
+def write_manifest(path: Path, manifest: Manifest | dict[str, Any], kind: str) -> None:
     """The one writer: checks ``manifest`` as its reader will, then writes it atomically."""
     (check_masked_manifest if kind == "checkpoint" else check_export_manifest)(manifest, path)
     write_json(path, manifest)

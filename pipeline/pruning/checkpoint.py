@@ -27,7 +27,7 @@ tensor that disagrees is named.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors import SafetensorError
@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from mlpruning import __version__
 from mlpruning.core.contract import MANIFEST_FILE, MASKS_FILE, SCORES_FILE
 from mlpruning.core.errors import UserError
-from mlpruning.core.manifest import CHECKPOINT_FIX, FORMAT_VERSION
+from mlpruning.core.manifest import CHECKPOINT_FIX, FORMAT_VERSION, Manifest
 from mlpruning.core.manifest import read_manifest as read_manifest_file
 from pipeline.adapters import Geometry, adapter_for, geometry, layer_linears
 from pipeline.pruning.blocks import (
@@ -112,7 +112,7 @@ def _indices(mask: torch.Tensor) -> list[int]:
     return torch.nonzero(mask.bool()).flatten().tolist()
 
 
-def build_manifest(model: Any, masks: dict[str, torch.Tensor], extra: dict[str, Any]) -> dict[str, Any]:
+def build_manifest(model: Any, masks: dict[str, torch.Tensor], extra: dict[str, Any]) -> Manifest:
     geo = geometry(model)
     adapter = adapter_for(model.config)
     kept = kept_weights(masks, geo) if has_blocks(masks) else None
@@ -134,7 +134,7 @@ def build_manifest(model: Any, masks: dict[str, torch.Tensor], extra: dict[str, 
         )
         if has_blocks(masks):
             layers[-1]["blocks"] = {m: block_entry(masks, geo, i, m) for m in MATRICES}
-    return {
+    manifest = {
         "format_version": FORMAT_VERSION,
         "kind": "masked",
         "step": "head_row",
@@ -153,13 +153,14 @@ def build_manifest(model: Any, masks: dict[str, torch.Tensor], extra: dict[str, 
         "layers": layers,
         "tool_version": __version__,
     }
+    return cast(Manifest, manifest)  # checked by write_manifest before it is written
 
 
 def save_masks(path: Path, masks: dict[str, torch.Tensor], geo: Geometry) -> None:
     save_file(masks_to_file_keys(masks, geo), str(path), metadata={"format_version": str(FORMAT_VERSION)})
 
 
-def read_manifest(ckpt: Path) -> dict[str, Any]:
+def read_manifest(ckpt: Path) -> Manifest:
     """The checkpoint's manifest through the one reader (older formats back-filled, checked)."""
     path = ckpt / MANIFEST_FILE
     if not path.is_file():

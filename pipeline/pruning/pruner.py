@@ -26,7 +26,7 @@ from torch import nn
 from mlpruning.core.atomic import staging_dir, write_json
 from mlpruning.core.errors import UserError
 from mlpruning.core.jsonfile import read_json
-from mlpruning.core.manifest import write_manifest
+from mlpruning.core.manifest import Manifest, write_manifest
 from pipeline.adapters import geometry, layer_linears
 from pipeline.batching import collate
 from pipeline.config import PruneConfig
@@ -183,7 +183,7 @@ class DistilledPruning(TrainLoop):
         }
 
     def write_checkpoint(
-        self, masks: dict[str, torch.Tensor], manifest: dict[str, Any], evaluation: dict[str, Any]
+        self, masks: dict[str, torch.Tensor], manifest: Manifest, evaluation: dict[str, Any]
     ) -> None:
         """Masks baked in (``detach_masks`` done): write the folder, ``eval.json`` last."""
         geo = geometry(self.student)

@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from mlpruning.core.atomic import write_json
+from mlpruning.core.manifest import Manifest
 
 STRUCTURE_JSON = "structure.json"
 STRUCTURE_PNG = "structure.png"
 
 
-def structure(manifest: dict[str, Any]) -> dict[str, Any]:
+def structure(manifest: Manifest) -> dict[str, Any]:
     geo = manifest["geometry"]
     rows = []
     for i, layer in enumerate(manifest["layers"]):
@@ -134,7 +135,7 @@ def _block_panel(ax: object, layers: list[dict[str, Any]]) -> None:
         ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white" if v < 0.6 else "black", fontsize=7)
 
 
-def write_summary(manifest: dict[str, Any], folder: Path) -> dict[str, Any]:
+def write_summary(manifest: Manifest, folder: Path) -> dict[str, Any]:
     summary = structure(manifest)
     write_json(folder / STRUCTURE_JSON, summary)
     draw_heatmap(summary, folder / STRUCTURE_PNG)
