@@ -125,3 +125,19 @@ def test_a_registered_kind_trains_prunes_exports_verifies_and_serves(toy_task, t
     served = ServedModel(export)
     answer = served.prediction(served.run_batch(served.encode(["a fine film"]))[0])
     assert set(answer) == {"probability"} and 0 < answer["probability"] < 1
+
+
+def test_the_regression_kind_counts_agreeing_scores_in_verify_and_serves_a_score(tmp_path):
+    """STS-B through verify: agreement is the kind's (score within tolerance), counted, not None."""
+    glue = make_glue_dir(tmp_path / "glue")
+    base = save_tiny(tmp_path / "base", "bert", layers=1, heads=2, hidden=32, ffn=64)
+    cfg = FinetuneConfig(task="stsb", model=str(base), epochs=1, batch_size=16, data_dir=str(glue))
+    Finetuner(cfg, tmp_path / "teacher").run()
+    export_onnx(tmp_path / "teacher", tmp_path / "export")
+    metric = verify([tmp_path / "export"], tmp_path / "teacher", None, glue, Tolerance())["metric"]
+    assert metric["agreement_rule"] == "score within tolerance" and metric["passed"]
+    assert metric["identical_predictions"] == metric["examples"] == 32
+    assert set(metric["onnx"]) == {"pearson", "spearman"}
+    served = ServedModel(tmp_path / "export")
+    answer = served.prediction(served.run_batch(served.encode([("a man runs", "a person is running")]))[0])
+    assert set(answer) == {"score"}
