@@ -227,8 +227,8 @@ class ServedModel:
         """One unpadded ``tokenizers.Encoding`` per item, special tokens added."""
         return self.tokenizer.encode_batch(items)
 
-    def run_batch(self, batch: list[Any]) -> list[dict[str, np.ndarray]]:
-        """Each item's outputs (by the kind's output names), batch axis removed."""
+    def feeds(self, batch: list[Any]) -> dict[str, np.ndarray]:
+        """The model's inputs for ``batch``, right-padded to its longest sequence."""
         width = max(len(enc.ids) for enc in batch)
         ids = np.full((len(batch), width), self.pad_id, dtype=np.int64)
         types = np.zeros_like(ids)
@@ -237,8 +237,11 @@ class ServedModel:
             n = len(enc.ids)
             ids[row, :n], types[row, :n], mask[row, :n] = enc.ids, enc.type_ids, 1
         arrays = {"input_ids": ids, "token_type_ids": types, "attention_mask": mask}
-        feeds = {name: arrays[name].astype(dtype, copy=False) for name, dtype in self.inputs.items()}
-        results = self.session.run(self.outputs, feeds)
+        return {name: arrays[name].astype(dtype, copy=False) for name, dtype in self.inputs.items()}
+
+    def run_batch(self, batch: list[Any]) -> list[dict[str, np.ndarray]]:
+        """Each item's outputs (by the kind's output names), batch axis removed."""
+        results = self.session.run(self.outputs, self.feeds(batch))
         return [dict(zip(self.names, (r[i] for r in results), strict=True)) for i in range(len(batch))]
 
     def prediction(self, outputs: dict[str, np.ndarray]) -> dict[str, Any]:

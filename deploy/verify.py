@@ -23,6 +23,7 @@ metric check fails, naming the failed check. PyTorch is needed for the reference
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -32,9 +33,14 @@ from typing import Any
 import numpy as np
 
 from deploy.runners import model_label, open_model, runtime_name
+from mlpruning.core.contract import QUANTIZE_REPORT
 from mlpruning.core.errors import UserError
 from mlpruning.core.tolerance import beyond_tolerance
 from pipeline.task_kind import Outputs, stack_outputs
+
+# an INT8 folder (one with quantize.json) is held to these where the caller set nothing
+INT8_MIN_AGREEMENT = 0.99
+INT8_MAX_METRIC_DROP = 0.01
 
 
 @dataclass(frozen=True)
@@ -42,13 +48,21 @@ class Tolerance:
     """What verify accepts: element-wise ``atol``/``rtol``, and on the whole dev set the share of
     predictions that must agree with PyTorch (``min_agreement``) and how far the main metric may
     fall below PyTorch's (``max_metric_drop``, in the metric's units: 0.01 is one point of
-    accuracy; None: not bounded). fp32 keeps the defaults; a lower-precision variant states its own.
+    accuracy). Left unset (None) they take the precision's defaults (:meth:`resolved`): every
+    prediction and no bound on the metric for fp32; 99% and one point for an INT8 folder.
     """
 
     atol: float = 1e-4
     rtol: float = 1e-3
-    min_agreement: float = 1.0
+    min_agreement: float | None = None
     max_metric_drop: float | None = None
+
+    def resolved(self, int8: bool) -> Tolerance:
+        agreement = self.min_agreement
+        if agreement is None:
+            agreement = INT8_MIN_AGREEMENT if int8 else 1.0
+        drop = self.max_metric_drop if self.max_metric_drop is not None or not int8 else INT8_MAX_METRIC_DROP
+        return dataclasses.replace(self, min_agreement=agreement, max_metric_drop=drop)
 
     def __post_init__(self) -> None:
         # NaN compares False with every difference, so a NaN tolerance would pass anything
@@ -57,7 +71,8 @@ class Tolerance:
                 f"tolerances must be finite and >= 0, got atol={self.atol} rtol={self.rtol}: "
                 "pass e.g. --atol 1e-4 --rtol 1e-3"
             )
-        if not (math.isfinite(self.min_agreement) and 0 <= self.min_agreement <= 1):
+        agreement = self.min_agreement
+        if agreement is not None and not (math.isfinite(agreement) and 0 <= agreement <= 1):
             raise ValueError(f"min_agreement must be in [0, 1], got {self.min_agreement}: e.g. 0.99")
         drop = self.max_metric_drop
         if drop is not None and not (math.isfinite(drop) and drop >= 0):
@@ -202,27 +217,31 @@ def verify(
     from pipeline.models import load_tokenizer
     from pipeline.tasks import load_split
 
+    int8 = [(folder / QUANTIZE_REPORT).is_file() for folder in stages]
+    tol = tol.resolved(int8[-1])
     model, task = _reference_model(reference, task_name)
     encoded = encode(load_tokenizer(str(reference)), load_split(task, "dev", data_dir), 128)
-    results = [
-        {"stage": stage, "runtime": runtime_name(s), **_stage_parity(s, model, encoded, task, tol, seed)}
-        for stage, s in sessions.items()
-    ]
+    results = []
+    for (stage, s), quantized in zip(sessions.items(), int8, strict=True):
+        parity = _stage_parity(s, model, encoded, task, tol, seed)
+        # INT8 logits are not fp32 logits: their error is reported, agreement and metric decide
+        results.append({"stage": stage, "runtime": runtime_name(s), **parity, "gating": not quantized})
     metric = _metric_parity(list(sessions.values())[-1], model, encoded, task, tol)
     return {
         "reference": str(reference),
         "tolerance": tol.__dict__,
+        "int8": int8[-1],
         "provider": provider,
         "stages": results,
         "metric": metric,
-        "passed": all(r["passed"] for r in results) and metric["passed"],
+        "passed": all(r["passed"] or not r["gating"] for r in results) and metric["passed"],
     }
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:
     lines = []
     for r in report["stages"]:
-        state = "ok  " if r["passed"] else "FAIL"
+        state = "ok  " if r["passed"] else ("FAIL" if r.get("gating", True) else "info")
         lines.append(
             f"{state} {r['stage']}: max abs {r['max_abs']:.2e}, p99 {r['p99_abs']:.2e}, "
             f"max rel {r['max_rel']:.2e}; would pass with atol >= {r['atol_that_passes']:.1e} at the "

@@ -177,7 +177,7 @@ def test_a_variant_can_have_its_own_verify_bounds(tmp_path):
     body = "[step1]\ntarget = 0.5\n[step2]\ntarget = 0.6\n[verify]\natol = 2e-4\n"
     config.write_text(body + "[verify.step2]\nmin_agreement = 0.99\nmax_metric_drop = 0.01\n")
     cfg = load_run_config(config, tmp_path / "run")
-    assert cfg.verify_for("step1") == cfg.verify and cfg.verify.min_agreement == 1.0
+    assert cfg.verify_for("step1") == cfg.verify and cfg.verify.resolved(int8=False).min_agreement == 1.0
     step2 = cfg.verify_for("step2")
     assert (step2.atol, step2.min_agreement, step2.max_metric_drop) == (2e-4, 0.99, 0.01)
     assert cfg.stage_inputs("verify:step2") != cfg.stage_inputs("verify:step1")

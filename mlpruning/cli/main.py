@@ -15,6 +15,7 @@ import typer
 # Each module registers its commands on the shared app when imported, in pipeline order for --help.
 from mlpruning.cli import training  # noqa: F401  # isort: skip
 from mlpruning.cli import onnx_cmds  # noqa: F401  # isort: skip
+from mlpruning.cli import quantize_cmd  # noqa: F401  # isort: skip
 from mlpruning.cli import deploy_cmds  # noqa: F401  # isort: skip
 from mlpruning.cli import serve_cmd  # noqa: F401  # isort: skip
 from mlpruning.cli import engines  # noqa: F401  # isort: skip

@@ -102,11 +102,15 @@ def verify(
     atol: Annotated[float, typer.Option(help="Absolute tolerance.")] = 1e-4,
     rtol: Annotated[float, typer.Option(help="Relative tolerance.")] = 1e-3,
     min_agreement: Annotated[
-        float, typer.Option(help="Share of dev predictions that must agree with PyTorch (0-1).")
-    ] = 1.0,
+        float | None,
+        typer.Option(help="Share of dev predictions that must agree with PyTorch (0-1) [1.0; INT8: 0.99]."),
+    ] = None,
     max_metric_drop: Annotated[
         float | None,
-        typer.Option(help="Largest drop of the main metric below PyTorch's, in its units (0.01 = 1 point)."),
+        typer.Option(
+            help="Largest drop of the main metric below PyTorch's, in its units (0.01 = 1 point) "
+            "[unbounded; INT8: 0.01]."
+        ),
     ] = None,
     data_dir: DataDirOpt = None,
     report: Annotated[Path | None, typer.Option("--report", help="Write the JSON report here.")] = None,

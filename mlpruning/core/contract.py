@@ -31,6 +31,7 @@ SCORES_FILE = "scores.safetensors"
 EVAL_FILE = "eval.json"
 EXPORT_REPORT = "export.json"
 OPTIMIZE_REPORT = "optimize.json"
+QUANTIZE_REPORT = "quantize.json"  # marks an INT8 folder (quantize)
 ENGINE_REPORT = "engine.json"
 
 # what a model folder carries for its tokenizer to load (those present are copied from stage to

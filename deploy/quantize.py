@@ -1,0 +1,172 @@
+"""INT8 copies of a model folder, with ONNX Runtime's quantizers, chosen on this CPU by measurement.
+
+Affine int8: a tensor x is stored as q = round(x / s) + z, read back as s (q - z). Weights are
+int8 and symmetric (z = 0), one scale per tensor or per output channel (``per_channel``);
+``reduce_range`` keeps weights to 7 bits, which avoids the saturating u8 x s8 products of x86
+CPUs without VNNI (:mod:`deploy.cpu_features`). Only MatMul is quantized, so every projection
+of the encoder and the classifier run as int8 products while LayerNorm, softmax and GELU stay
+fp32. Two modes:
+
+- ``dynamic``: the scale of each activation is computed per batch at run time
+  (DynamicQuantizeLinear + MatMulInteger); nothing to calibrate.
+- ``static``: QuantizeLinear/DequantizeLinear pairs (QDQ) with activation ranges calibrated on
+  ``calibration_examples`` training examples of the task (fixed seed; ``minmax``, ``entropy``
+  or ``percentile``): uint8 activations, int8 weights (ORT's CPU format), and the QDQ form
+  TensorRT's explicit quantization reads.
+
+Choice: each candidate (mode x per-channel x reduce-range) is written, run on the task's dev
+split and timed against the fp32 input in interleaved rounds (batch 1 x 128 tokens). The
+fastest candidate whose dev metric is at most ``max_metric_drop`` below the fp32 model's and
+whose predictions agree with the fp32 model's on at least ``min_agreement`` of the examples is
+kept. When none is, accuracy control keeps the most accurate candidate's settings and leaves
+whole groups of MatMuls in fp32: the task head first, then encoder layers, most sensitive
+first (each layer measured alone), until the bounds hold. The report names what stayed fp32
+and what each step measured. BlockSparseLinear nodes are not MatMuls: they stay fp32 (their
+skipped blocks already save the time int8 would), and the report counts them.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deploy.cpu_features import cpu_features
+from deploy.quantize_parts import (
+    Candidate,
+    QuantizeOptions,
+    calibration_reader,
+    check_source,
+    layer_groups,
+    write_candidate,
+)
+from mlpruning.core.atomic import staging_dir, write_json
+from mlpruning.core.contract import ONNX_FILE, QUANTIZE_REPORT
+from mlpruning.core.errors import CheckFailed
+from pipeline.tasks import TaskSpec, load_split
+
+CONTROL_SKIPS = ("head", "other", "block_sparse")  # not encoder layers
+
+
+@dataclass(frozen=True)
+class Scored:
+    candidate: Candidate
+    metric: float
+    agreement: float
+    speedup: float
+    passed: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.candidate.to_json(), **{k: v for k, v in asdict(self).items() if k != "candidate"}}
+
+
+class _Scorer:
+    """Writes, runs and times candidates of one source folder against its fp32 outputs."""
+
+    def __init__(self, src: Path, task: TaskSpec, opts: QuantizeOptions, data_dir: Path | None) -> None:
+        from deploy.onnx_eval import encode, open_for_eval, run_split
+
+        self.src, self.task, self.opts = src, task, opts
+        self.work = Path(tempfile.mkdtemp(prefix="mlpruning-quantize-"))
+        fp32 = open_for_eval(src, opts.threads)
+        dev = load_split(task, "dev", data_dir)
+        self.dev, self.labels = encode(fp32, dev), np.asarray(dev.labels)
+        self.reference = run_split(fp32, task, self.dev, self.labels)
+        train = load_split(task, "train", data_dir)
+        self.calibration = calibration_reader(fp32, train, opts.calibration_examples, opts.seed)
+        self.groups = layer_groups(src / ONNX_FILE)
+        self.tried: list[Scored] = []
+
+    @property
+    def fp32_metric(self) -> float:
+        return self.reference.metrics[self.task.main_metric]
+
+    def score(self, candidate: Candidate) -> Scored:
+        from deploy.bench import BenchConfig, bench
+        from deploy.onnx_eval import open_for_eval, run_split
+
+        folder = self.work / f"c{len(self.tried)}"
+        opts = self.opts
+        write_candidate(self.src, folder, candidate, self.groups, self.calibration, opts.calibrate_method)
+        model = open_for_eval(folder, self.opts.threads)
+        result = run_split(model, self.task, self.dev, self.labels)
+        agree = float(self.task.kind.agreeing(self.reference.outputs, result.outputs, 1e-4, 1e-3).mean())
+        metric = result.metrics[self.task.main_metric]
+        timing = BenchConfig(batches=(1,), seqs=(128,), threads=opts.threads, warmup=2, rounds=3, iters=5)
+        speedup = float(bench(folder, self.src, timing)["points"][0]["speedup_median"])
+        ok = self.fp32_metric - metric <= opts.max_metric_drop and agree >= opts.min_agreement
+        scored = Scored(candidate, metric, agree, speedup, ok)
+        self.tried.append(scored)
+        return scored
+
+    def folder_of(self, scored: Scored) -> Path:
+        return self.work / f"c{self.tried.index(scored)}"
+
+    def close(self) -> None:
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+def _control(scorer: _Scorer, base: Candidate) -> Iterator[Scored]:
+    """Accuracy control from ``base``: the head in fp32, then layers by sensitivity (see doc)."""
+    groups = [g for g in scorer.groups if g not in CONTROL_SKIPS and scorer.groups[g]]
+    kept: tuple[str, ...] = ("head",) if scorer.groups.get("head") else ()
+    if kept:
+        yield scorer.score(base.keeping(kept))
+    alone = {g: scorer.score(base.keeping((*kept, g))).metric for g in groups}
+    for group in sorted(groups, key=lambda g: -alone[g]):
+        kept = (*kept, group)
+        yield scorer.score(base.keeping(kept))
+
+
+def choose(scorer: _Scorer) -> Scored:
+    """The fastest passing candidate, after accuracy control if no plain one passes."""
+    for candidate in scorer.opts.candidates():
+        scorer.score(candidate)
+    passing = [s for s in scorer.tried if s.passed]
+    if not passing:
+        best = max(scorer.tried, key=lambda s: (s.metric, s.agreement))
+        passing = [s for s in _control(scorer, best.candidate) if s.passed][:1]
+    if not passing:
+        raise CheckFailed(
+            f"no INT8 copy of {scorer.src} keeps {scorer.task.main_metric} within "
+            f"{scorer.opts.max_metric_drop:g} of fp32 ({scorer.fp32_metric:.4f}) with "
+            f">= {scorer.opts.min_agreement:.0%} agreement, even with every layer fp32: "
+            "loosen max_metric_drop or keep this model fp32; nothing written"
+        )
+    return max(passing, key=lambda s: s.speedup)
+
+
+def quantize(
+    src: Path, out: Path, opts: QuantizeOptions | None = None, data_dir: Path | None = None
+) -> dict[str, Any]:
+    """An INT8 copy of the fp32 model folder ``src`` in ``out``; returns the report (module doc)."""
+    opts = opts or QuantizeOptions()
+    task = check_source(src, opts.task)
+    scorer = _Scorer(src, task, opts, data_dir)
+    try:
+        chosen = choose(scorer)
+        report = {
+            "source": str(src),
+            "task": task.name,
+            "chosen": chosen.to_json(),
+            "fp32_metric": scorer.fp32_metric,
+            "main_metric": task.main_metric,
+            "kept_fp32": {g: scorer.groups[g] for g in chosen.candidate.keep_fp32},
+            "block_sparse_fp32": scorer.groups.get("block_sparse", []),
+            "candidates": [s.to_json() for s in scorer.tried],
+            "options": asdict(opts),
+            "cpu": cpu_features(),
+            "size_bytes": {"fp32": (src / ONNX_FILE).stat().st_size},
+        }
+        with staging_dir(out) as tmp:
+            shutil.copytree(scorer.folder_of(chosen), tmp, dirs_exist_ok=True)
+            report["size_bytes"]["int8"] = (tmp / ONNX_FILE).stat().st_size
+            write_json(tmp / QUANTIZE_REPORT, report)
+    finally:
+        scorer.close()
+    return report

@@ -1,0 +1,214 @@
+"""The pieces :mod:`deploy.quantize` is made of: options, candidates, the source check, the
+calibration data, the groups of MatMuls accuracy control keeps fp32, and one quantizer call.
+
+Groups: every MatMul of the graph by the encoder layer its module belongs to (``layer.3``, read
+from the exporter's name scopes, :mod:`graph_passes.scopes`, and the manifest's module paths),
+``head`` for the task head (pooler, classifier) and ``other`` for nodes no module claims.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from graph_passes.block_sparse import DOMAIN as BLOCK_SPARSE_DOMAIN
+from graph_passes.scopes import module_path
+from mlpruning.core.contract import (
+    CONFIG_FILE,
+    EXPORT_REPORT,
+    MANIFEST_FILE,
+    ONNX_FILE,
+    OPTIMIZE_REPORT,
+    QUANTIZE_REPORT,
+    TOKENIZER_FILES,
+)
+from mlpruning.core.errors import UserError
+from mlpruning.core.jsonfile import read_json
+from mlpruning.core.manifest import read_manifest
+from pipeline.tasks import Examples, TaskSpec, get_task
+
+MODES = ("auto", "dynamic", "static")
+SEARCHES = ("quick", "full")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+QUANT_OPS = {"QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "QLinearMatMul"}
+CARRIED = (CONFIG_FILE, MANIFEST_FILE, EXPORT_REPORT, OPTIMIZE_REPORT, *TOKENIZER_FILES)
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """``mode``: auto (measure both), dynamic or static. ``search``: quick (per-channel on and
+    off, no reduce-range) or full (adds reduce-range and per-tensor static). The bounds are
+    against the fp32 input: ``max_metric_drop`` in the metric's units (0.01 is one point)."""
+
+    mode: str = "auto"
+    search: str = "quick"
+    calibration_examples: int = 256
+    calibrate_method: str = "minmax"
+    max_metric_drop: float = 0.01
+    min_agreement: float = 0.99
+    seed: int = 0
+    threads: int = 1
+    task: str | None = None
+
+    def __post_init__(self) -> None:
+        choices = (("mode", MODES), ("search", SEARCHES), ("calibrate_method", CALIBRATION_METHODS))
+        for name, allowed in choices:
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if not 1 <= self.calibration_examples <= 100_000:
+            raise ValueError(f"calibration_examples must be in [1, 100000], got {self.calibration_examples}")
+        if not 0 <= self.max_metric_drop <= 1 or not 0 <= self.min_agreement <= 1:
+            raise ValueError("max_metric_drop and min_agreement must be in [0, 1], e.g. 0.01 and 0.99")
+        if self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+
+    def candidates(self) -> list[Candidate]:
+        full = self.search == "full"
+        found = []
+        if self.mode in ("auto", "dynamic"):
+            ranges = (False, True) if full else (False,)
+            found += [Candidate("dynamic", pc, rr) for pc in (False, True) for rr in ranges]
+        if self.mode in ("auto", "static"):
+            found += [Candidate("static", pc) for pc in ((True, False) if full else (True,))]
+        return found
+
+
+@dataclass(frozen=True)
+class Candidate:
+    mode: str
+    per_channel: bool
+    reduce_range: bool = False
+    keep_fp32: tuple[str, ...] = ()  # groups of MatMuls left unquantized
+
+    def keeping(self, groups: tuple[str, ...]) -> Candidate:
+        return replace(self, keep_fp32=groups)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "keep_fp32": list(self.keep_fp32)}
+
+
+def _task_of(src: Path) -> str | None:
+    for name in (EXPORT_REPORT, MANIFEST_FILE):
+        task = (read_json(src / name) or {}).get("task")
+        if isinstance(task, str):
+            return task
+    return None
+
+
+def check_source(src: Path, task_name: str | None) -> TaskSpec:
+    """The task of an fp32 folder fit to quantize, or a one-line UserError naming the fix."""
+    if not (src / ONNX_FILE).is_file():
+        raise UserError(f"{src} has no {ONNX_FILE}: pass a folder written by export or optimize")
+    ops = {node.op_type for node in ir.load(src / ONNX_FILE).graph.all_nodes()}
+    if (src / QUANTIZE_REPORT).is_file() or ops & QUANT_OPS:
+        raise UserError(f"{src} is already quantized: pass the fp32 folder it was made from")
+    manifest = read_manifest(src / MANIFEST_FILE, "export") if (src / MANIFEST_FILE).is_file() else {}
+    if manifest.get("kind") == "masked" and not (src / OPTIMIZE_REPORT).is_file():
+        raise UserError(
+            f"{src} is a pruned export whose zeros are still in place: run mlpruning optimize on it "
+            "and quantize the optimized folder"
+        )
+    own = _task_of(src)
+    if own is None:
+        raise UserError(f"{src} does not say its task (export.json): re-run export")
+    if task_name is not None and get_task(task_name).name != get_task(own).name:
+        raise UserError(f"{src} was trained for {own}, not {task_name}: pass --task {own} or drop --task")
+    return get_task(own)
+
+
+def layer_groups(path: Path) -> dict[str, list[str]]:
+    """MatMul node names by group (module doc), and the BlockSparseLinear nodes (``block_sparse``)."""
+    manifest = read_json(path.parent / MANIFEST_FILE) or {}
+    layers = re.escape(((manifest.get("adapter") or {}).get("layers")) or "layer")
+    pattern = re.compile(rf"(?:^|\.){layers}\.(\d+)(?:\.|$)")
+    groups: dict[str, list[str]] = {"head": [], "other": [], "block_sparse": []}
+    for node in ir.load(path).graph:
+        if node.domain == BLOCK_SPARSE_DOMAIN:
+            groups["block_sparse"].append(node.name or "")
+        if node.op_type != "MatMul" or not node.name:
+            continue
+        scope = module_path(node)
+        match = pattern.search(scope) if scope else None
+        key = f"layer.{int(match[1])}" if match else ("head" if scope else "other")
+        groups.setdefault(key, []).append(node.name)
+    return groups
+
+
+class _Feeds:
+    """ONNX Runtime's calibration reader protocol over prepared feeds (one example each)."""
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]]) -> None:
+        self.feeds, self.at = feeds, 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        self.at += 1
+        return self.feeds[self.at - 1] if self.at <= len(self.feeds) else None
+
+    def rewind(self) -> None:
+        self.at = 0
+
+
+def calibration_reader(model: Any, train: Examples, n: int, seed: int) -> Callable[[], _Feeds]:
+    """A fresh reader over ``n`` training examples (seeded choice) for each static candidate."""
+    if len(train) == 0:
+        raise UserError(f"{train.source} has no examples: pass a non-empty training split")
+    picked = np.sort(np.random.default_rng(seed).permutation(len(train))[: min(n, len(train))])
+    items = [train.texts[i][0] if len(train.texts[i]) == 1 else tuple(train.texts[i][:2]) for i in picked]
+    feeds = [model.feeds([enc]) for enc in model.encode(items)]
+    return lambda: _Feeds(feeds)
+
+
+def write_candidate(
+    src: Path,
+    out: Path,
+    candidate: Candidate,
+    groups: dict[str, list[str]],
+    calibration: Callable[[], _Feeds],
+    method: str = "minmax",
+) -> None:
+    """``candidate`` of ``src/model.onnx`` into ``out``, with the folder's other files."""
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
+
+    out.mkdir(parents=True)
+    for name in CARRIED:
+        if (src / name).is_file():
+            shutil.copy(src / name, out / name)
+    common: dict[str, Any] = {
+        "op_types_to_quantize": ["MatMul"],
+        "per_channel": candidate.per_channel,
+        "reduce_range": candidate.reduce_range,
+        "weight_type": QuantType.QInt8,
+        "nodes_to_exclude": [n for g in candidate.keep_fp32 for n in groups.get(g, [])],
+        # attention's activation x activation products stay fp32
+        "extra_options": {"MatMulConstBOnly": True},
+    }
+    if candidate.mode == "dynamic":
+        quantize_dynamic(src / ONNX_FILE, out / ONNX_FILE, **common)
+        return
+    methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }
+    quantize_static(
+        src / ONNX_FILE,
+        out / ONNX_FILE,
+        calibration(),
+        quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QUInt8,
+        calibrate_method=methods[method],
+        **common,
+    )
