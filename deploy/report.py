@@ -90,11 +90,12 @@ def _parity_text(entry: dict[str, Any]) -> str:
 def _overview(summary: dict[str, Any], key: str | None) -> list[Block]:
     name = summary.get("metric_name") or "metric"
     headers = ["variant", "model", f"{name} PyTorch", f"{name} ONNX", "remaining weights", "prunable params"]
-    headers += ["parity", f"p50 ms {key or ''}".strip(), "speedup", "missing stages"]
+    headers += ["parity", "agreement", "size MB", f"p50 ms {key or ''}".strip(), "speedup", "missing stages"]
     rows = []
     for variant, e in summary["variants"].items():
-        params = e.get("params")
+        params, parity = e.get("params"), e.get("parity") or {}
         point = _point(e, key) or {}
+        agree = parity.get("identical_predictions")
         rows.append(
             [
                 variant,
@@ -104,6 +105,8 @@ def _overview(summary: dict[str, Any], key: str | None) -> list[Block]:
                 _num(e.get("remaining_ratio"), 3),
                 f"{params['before'] / 1e6:.2f}M → {params['after'] / 1e6:.2f}M" if params else "-",
                 _parity_text(e),
+                "-" if agree is None else f"{agree}/{parity.get('examples')}",
+                _num(e["size_bytes"] / 1e6, 1) if e.get("size_bytes") else "-",
                 _num(point.get("p50_ms"), 2),
                 f"{point['speedup']:.2f}x" if point.get("speedup") else "-",
                 ", ".join(e["missing"]) or "none",
@@ -161,7 +164,8 @@ def _structure_table(structure: dict[str, Any]) -> Table:
 
 def _structure(summary: dict[str, Any], with_plots: bool) -> list[Block]:
     blocks: list[Block] = [Heading(2, "Structure per layer")]
-    pruned = [(v, e["structure"]) for v, e in summary["variants"].items() if e.get("structure")]
+    entries = summary["variants"].items()
+    pruned = [(v, e["structure"]) for v, e in entries if e.get("structure") and not e.get("int8_of")]
     if not pruned:
         return [*blocks, Para("No pruned checkpoint in this run.")]
     for variant, structure in pruned:
@@ -185,7 +189,8 @@ def _parity(summary: dict[str, Any]) -> list[Block]:
         tolerance = tolerance or parity.get("tolerance")
         for s in parity["stages"]:
             failing = f"{s.get('failing_elements')} / {s.get('elements')}"
-            result = "ok" if s.get("passed") else "FAIL"
+            # an INT8 stage's element error is information: agreement and the metric decide
+            result = "ok" if s.get("passed") else ("FAIL" if s.get("gating", True) else "info (INT8)")
             rows.append(
                 [
                     variant,

@@ -11,6 +11,7 @@ serve, export-triton, build) reads it through these names only:
       onnx/<variant>/           export of the dense teacher and each pruned checkpoint
       opt/<variant>/            optimize output of each pruned variant (model.onnx, optimize.json,
                                 pruning.json, config.json, tokenizer files)
+      quant/<variant>-int8/     quantize output of each variant's INT8 copy (with [quantize])
       verify/<variant>.json     verify report (parity per stage + dev metric) of each variant
       bench/<variant>.json      bench report of each variant against onnx/dense (interleaved)
       summary.json              the numbers the report and the regression gate read
@@ -20,7 +21,7 @@ A run's variants are data (:class:`mlpruning.core.contract.Variant`): the run co
 list (the dense teacher as the baseline, then one per pruning step) and ``run.json`` records it,
 so every reader takes the list from the run folder; a folder written before ``run.json`` had
 it holds ``dense``, ``step1`` and ``step2``. The deployable model of a variant is
-``opt/<variant>``, and ``onnx/<variant>`` for the baseline.
+``opt/<variant>``, ``onnx/<variant>`` for the baseline and ``quant/<variant>`` for an INT8 copy.
 """
 
 from __future__ import annotations
@@ -44,7 +45,10 @@ def variants(run: Path) -> tuple[Variant, ...]:
     if listed is None:
         return DEFAULT_VARIANTS
     try:
-        found = tuple(Variant(str(v["name"]), str(v["checkpoint"]), bool(v["baseline"])) for v in listed)
+        found = tuple(
+            Variant(str(v["name"]), str(v["checkpoint"]), bool(v["baseline"]), v.get("int8_of"))
+            for v in listed
+        )
     except (TypeError, KeyError, ValueError) as exc:
         raise UserError(f"{run / RUN_STATE}: bad 'variants' entry ({exc}): {REDO}") from None
     if sum(v.baseline for v in found) != 1:
@@ -83,10 +87,14 @@ def opt_dir(run: Path, variant: str | Variant) -> Path:
     return run / "opt" / _name(variant)
 
 
+def quant_dir(run: Path, variant: str | Variant) -> Path:
+    return run / "quant" / _name(variant)
+
+
 def model_dir(run: Path, variant: str | Variant) -> Path:
-    """The folder a variant is deployed from (its export for the baseline, else optimized)."""
+    """The folder a variant is deployed from: its export (baseline), optimized or quantized folder."""
     found = variant_named(run, variant)
-    return onnx_dir(run, found) if found.baseline else opt_dir(run, found)
+    return run / found.folder / found.name
 
 
 def verify_report(run: Path, variant: str | Variant) -> Path:

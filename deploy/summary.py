@@ -79,8 +79,8 @@ def _checkpoint(run: Path, variant: Variant) -> dict[str, Any]:
     }
 
 
-def _remaining_ratio(variant: Variant, ckpt: dict[str, Any]) -> float | None:
-    if variant.baseline:
+def _remaining_ratio(dense: bool, ckpt: dict[str, Any]) -> float | None:
+    if dense:
         return 1.0
     for source in (ckpt["eval"], ckpt["structure"], ckpt["manifest"]):
         if source and source.get("remaining_ratio") is not None:
@@ -90,13 +90,14 @@ def _remaining_ratio(variant: Variant, ckpt: dict[str, Any]) -> float | None:
 
 def _stage_label(stage: str) -> str:
     path = Path(stage)
-    return {"onnx": "export", "opt": "optimize"}.get(path.parent.name, path.name)
+    return {"onnx": "export", "opt": "optimize", "quant": "quantize"}.get(path.parent.name, path.name)
 
 
 def _parity(report: dict[str, Any] | None) -> dict[str, Any] | None:
     if report is None:
         return None
     keys = ("max_abs", "p99_abs", "max_rel", "failing_elements", "elements", "atol_that_passes", "passed")
+    keys += ("gating",)
     stages = [
         {
             "stage": _stage_label(str(s.get("stage", "?"))),
@@ -158,11 +159,17 @@ def _dense_latency(run: Path) -> dict[str, Any] | None:
 
 
 def _params(run: Path, variant: Variant) -> dict[str, int] | None:
-    opt = read_json(layout.opt_dir(run, variant) / "optimize.json")
+    # an INT8 copy carries its source's optimize.json
+    opt = read_json(layout.model_dir(run, variant) / "optimize.json")
     passes = (opt or {}).get("passes") or []
     if not passes:
         return None
     return {"before": passes[0].get("params_before"), "after": passes[-1].get("params_after")}
+
+
+def _size(run: Path, variant: Variant) -> int | None:
+    model = layout.model_dir(run, variant) / "model.onnx"
+    return model.stat().st_size if model.is_file() else None
 
 
 def _stages(
@@ -172,13 +179,17 @@ def _stages(
         # a linked teacher may come without eval.json: its metric is then missing, not the stage
         "checkpoint": ckpt["eval"] is not None
         or (layout.checkpoint_dir(run, variant) / "config.json").is_file(),
-        "export": (layout.onnx_dir(run, variant) / "model.onnx").is_file(),
+        # an INT8 copy's export is its fp32 source's
+        "export": (layout.onnx_dir(run, variant.int8_of or variant) / "model.onnx").is_file(),
         "optimize": (layout.opt_dir(run, variant) / "model.onnx").is_file(),
+        "quantize": (layout.quant_dir(run, variant) / "model.onnx").is_file(),
         "verify": layout.verify_report(run, variant).is_file(),
         "bench": latency is not None,
     }
+    # the baseline is deployed from its export, an INT8 copy from its quantized folder
+    del stages["quantize" if not variant.int8_of else "optimize"]
     if variant.baseline:
-        del stages["optimize"]  # the baseline is deployed from its export
+        del stages["optimize"]
     return stages
 
 
@@ -203,15 +214,18 @@ def _variant(run: Path, variant: Variant, task: str | None) -> dict[str, Any] | 
     stages = _stages(run, variant, ckpt, latency)
     if not any(stages.values()):
         return None
+    dense = variant.checkpoint == layout.baseline(run).checkpoint  # the baseline or its INT8 copy
     return {
         "baseline": variant.baseline,
         "stages": stages,
         "missing": [name for name, there in stages.items() if not there],
         "model_dir": str(layout.model_dir(run, variant).relative_to(run)),
         "metric": _metric(task, ckpt["eval"], verify),
-        "remaining_ratio": _remaining_ratio(variant, ckpt),
+        "remaining_ratio": _remaining_ratio(dense, ckpt),
         "params": _params(run, variant),
-        "structure": None if variant.baseline else ckpt["structure"],
+        "size_bytes": _size(run, variant),
+        "int8_of": variant.int8_of,
+        "structure": None if dense else ckpt["structure"],
         "parity": _parity(verify),
         "latency": latency,
     }

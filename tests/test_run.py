@@ -156,6 +156,34 @@ def test_presets_are_valid(tmp_path, preset):
     assert cfg.step1.teacher == str(tmp_path / "teacher") and cfg.step2.source == str(tmp_path / "step1")
 
 
+def test_a_quantize_table_adds_an_int8_copy_of_every_variant(setup, tmp_path):
+    """Reuses the finished tiny run's teacher and steps: only the INT8 stages run here."""
+    config, out = setup
+    if not (out / "run.json").is_file():
+        assert _run(config, out).exit_code == 0
+    quantized = tmp_path / "q.toml"
+    table = "[quantize]\nmode = 'dynamic'\ncalibration_examples = 8\n"
+    table += "max_metric_drop = 1.0\nmin_agreement = 0.0\n"  # a tiny random model: no accuracy to keep
+    quantized.write_text(config.read_text() + table)
+    before = _state(out)
+    result = _run(quantized, out)
+    assert result.exit_code == 0, result.output
+    names = [v.name for v in L.variants(out)]
+    assert names == ["dense", "step1", "step2", "dense-int8", "step1-int8", "step2-int8"]
+    after = _state(out)
+    assert all(after[s]["finished"] == before[s]["finished"] for s in ("teacher", "step1", "step2"))
+    for v in ("dense-int8", "step1-int8", "step2-int8"):
+        assert L.model_dir(out, v) == out / "quant" / v and (out / "quant" / v / "quantize.json").is_file()
+        report = json.loads(L.verify_report(out, v).read_text())
+        assert report["int8"] and report["passed"] and report["tolerance"]["min_agreement"] == 0.99
+        assert json.loads(L.bench_report(out, v).read_text())["points"]
+    summary = json.loads((out / L.SUMMARY).read_text())
+    assert summary["variants"]["step1-int8"]["int8_of"] == "step1"
+    assert summary["variants"]["dense-int8"]["remaining_ratio"] == 1.0
+    assert all(summary["variants"][v]["size_bytes"] > 0 for v in names)
+    assert "step2-int8" in (out / L.REPORT_MD).read_text()
+
+
 def test_the_config_makes_the_variant_list_and_run_json_records_it(tmp_path):
     config = tmp_path / "c.toml"
     config.write_text('[run]\ntask = "sst2"\n[step1]\ntarget = 0.5\n')

@@ -7,6 +7,8 @@
     [step2]      optional: BlockPruneConfig fields except source (the run's step 1)
     [export]     exporter, opset
     [optimize]   OptimizeOptions fields: scatter_rows, block_sparse, block, ort_fusion
+    [quantize]   optional: QuantizeOptions fields (mode, search, calibration_examples, ...); adds
+                 an INT8 copy of every variant, dense included (``<variant>-int8``)
     [verify]     atol, rtol, min_agreement, max_metric_drop; a [verify.<variant>] sub-table
                  sets that variant's own (e.g. [verify.step2] max_metric_drop = 0.01)
     [bench]      batches, seqs, threads, rounds, iters
@@ -25,6 +27,7 @@ from typing import Any
 
 from deploy import run_layout as L
 from deploy.bench import BenchConfig
+from deploy.quantize_parts import QuantizeOptions
 from deploy.verify import Tolerance
 from graph_passes.registry import OptimizeOptions
 from mlpruning.core.contract import DEFAULT_VARIANTS, Variant
@@ -33,7 +36,7 @@ from pipeline.config import BlockPruneConfig, FinetuneConfig, PruneConfig, from_
 from pipeline.export import EXPORTERS
 
 PRUNING_TABLES = ("step1", "step2")  # each makes the variant of its name
-TABLES = ("run", "finetune", *PRUNING_TABLES, "export", "optimize", "verify", "bench")
+TABLES = ("run", "finetune", *PRUNING_TABLES, "export", "optimize", "quantize", "verify", "bench")
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,7 @@ class RunConfig:
     optimize: OptimizeOptions
     verify: Tolerance
     bench: BenchConfig
+    quantize: QuantizeOptions | None = None
     # the models the run deploys, baseline first: the teacher, then one per pruning table
     variants: tuple[Variant, ...] = DEFAULT_VARIANTS
     # [verify.<variant>] sub-tables: that variant's bounds, over the [verify] ones
@@ -76,7 +80,15 @@ class RunConfig:
 
     @property
     def pruned(self) -> tuple[Variant, ...]:
-        return tuple(v for v in self.variants if not v.baseline)
+        return tuple(v for v in self.variants if not v.baseline and not v.int8_of)
+
+    @property
+    def int8(self) -> tuple[Variant, ...]:
+        return tuple(v for v in self.variants if v.int8_of)
+
+    def source_of(self, variant: Variant) -> Variant:
+        """The fp32 variant an INT8 copy was made from."""
+        return next(v for v in self.variants if v.name == variant.int8_of)
 
     def stage_inputs(self, stage: str) -> dict[str, Any]:
         """The config part a stage depends on (``export:step1`` -> the export table)."""
@@ -137,6 +149,13 @@ def load_run_config(path: Path, run_dir: Path) -> RunConfig:
             raise UserError(f"{path} [{table}]: set target, the share of encoder weights to keep (e.g. 0.5)")
     dense = DEFAULT_VARIANTS[0]
     variants = (dense, *(Variant(t, t) for t in PRUNING_TABLES if t in data or t == "step1"))
+    quantize = None
+    if "quantize" in data:
+        values = _table(data, "quantize")
+        if "task" in values:
+            raise UserError(f"{path} [quantize]: task is the run's: set it in [run] only")
+        quantize = from_mapping(QuantizeOptions, {**values, "task": finetune.task}, f"{path} [quantize]")
+        variants = (*variants, *(v.int8_copy() for v in variants))
     teacher_dir = str(L.checkpoint_dir(run_dir, dense))
     step1_values = {**_table(data, "step1"), "task": finetune.task, "teacher": teacher_dir}
     step1 = from_mapping(PruneConfig, step1_values, f"{src} [step1]")
@@ -158,6 +177,7 @@ def load_run_config(path: Path, run_dir: Path) -> RunConfig:
         bench=_bench(_table(data, "bench"), src),
         variants=variants,
         verify_by_variant=by_variant,
+        quantize=quantize,
     )
 
 

@@ -14,7 +14,7 @@ from deploy import run_layout as L
 from mlpruning.cli.run_config import RunConfig
 from mlpruning.cli.runner import Stage
 from mlpruning.core.atomic import write_json
-from mlpruning.core.contract import Variant
+from mlpruning.core.contract import QUANTIZE_REPORT, Variant
 
 
 class StageActions:
@@ -66,15 +66,26 @@ class StageActions:
         report = optimize(src, out, s)
         return {"passes": [p.get("name") for p in report["passes"]]}
 
+    def quantize(self, variant: Variant, resume: bool) -> dict[str, Any]:
+        from deploy.quantize import quantize
+
+        assert self.cfg.quantize is not None
+        src = L.model_dir(self.run, self.cfg.source_of(variant))
+        report = quantize(src, L.quant_dir(self.run, variant), self.cfg.quantize, self._data_dir())
+        return {"chosen": report["chosen"], "kept_fp32": list(report["kept_fp32"])}
+
+    def _data_dir(self) -> Path | None:
+        return Path(self.cfg.finetune.data_dir) if self.cfg.finetune.data_dir else None
+
     def verify(self, variant: Variant, resume: bool) -> dict[str, Any]:
         from deploy.verify import verify
 
-        stages = [L.onnx_dir(self.run, variant)]
+        fp32 = self.cfg.source_of(variant) if variant.int8_of else variant
+        stages = [L.onnx_dir(self.run, fp32)]
         if not variant.baseline:
-            stages.append(L.opt_dir(self.run, variant))
-        data_dir = Path(self.cfg.finetune.data_dir) if self.cfg.finetune.data_dir else None
+            stages.append(L.model_dir(self.run, variant))
         tol = self.cfg.verify_for(variant.name)
-        report = verify(stages, L.checkpoint_dir(self.run, variant), self.cfg.task, data_dir, tol)
+        report = verify(stages, L.checkpoint_dir(self.run, variant), self.cfg.task, self._data_dir(), tol)
         write_json(L.verify_report(self.run, variant), report)
         return {"passed": report["passed"], "onnx": report["metric"]["onnx"]}
 
@@ -83,9 +94,15 @@ class StageActions:
         from deploy.summary import point_key
 
         baseline = L.onnx_dir(self.run, self.cfg.baseline)
-        report = bench(L.opt_dir(self.run, variant), baseline, self.cfg.bench)
+        report = bench(L.model_dir(self.run, variant), baseline, self.cfg.bench)
         write_json(L.bench_report(self.run, variant), report)
         return {point_key(p["batch"], p["seq"]): p["speedup_median"] for p in report["points"]}
+
+
+def _deploy_stage(v: Variant) -> str:
+    """The stage that writes a variant's deployable model."""
+    kind = "export" if v.baseline else ("quantize" if v.int8_of else "optimize")
+    return f"{kind}:{v.name}"
 
 
 def build_stages(actions: StageActions) -> list[Stage]:
@@ -103,7 +120,7 @@ def build_stages(actions: StageActions) -> list[Stage]:
         prune = partial(actions.prune, v)
         stages.append(Stage(v.checkpoint, out, out / "eval.json", (upstream,), prune, trains=True))
         upstream = v.checkpoint
-    for v in cfg.variants:
+    for v in (dense, *pruned):
         out = L.onnx_dir(run, v)
         export = partial(actions.export, v)
         stages.append(Stage(f"export:{v.name}", out, out / "export.json", (v.checkpoint,), export))
@@ -111,13 +128,18 @@ def build_stages(actions: StageActions) -> list[Stage]:
         out = L.opt_dir(run, v)
         optimize, deps = partial(actions.optimize, v), (f"export:{v.name}",)
         stages.append(Stage(f"optimize:{v.name}", out, out / "optimize.json", deps, optimize))
+    for v in cfg.int8:
+        deps = (_deploy_stage(cfg.source_of(v)),)
+        out, quantize = L.quant_dir(run, v), partial(actions.quantize, v)
+        stages.append(Stage(f"quantize:{v.name}", out, out / QUANTIZE_REPORT, deps, quantize))
     for v in cfg.variants:
         report = L.verify_report(run, v)
-        model = f"export:{v.name}" if v.baseline else f"optimize:{v.name}"
-        deps = (model, f"export:{v.name}", v.checkpoint)
+        fp32 = cfg.source_of(v) if v.int8_of else v
+        model = _deploy_stage(v)
+        deps = (model, f"export:{fp32.name}", v.checkpoint)
         stages.append(Stage(f"verify:{v.name}", report, report, deps, partial(actions.verify, v)))
-    for v in pruned:
+    for v in (*pruned, *cfg.int8):
         report = L.bench_report(run, v)
-        deps = (f"optimize:{v.name}", f"export:{dense.name}")
+        deps = (_deploy_stage(v), f"export:{dense.name}")
         stages.append(Stage(f"bench:{v.name}", report, report, deps, partial(actions.bench, v)))
     return stages

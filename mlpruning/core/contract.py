@@ -20,7 +20,7 @@ encoder and any task head on top of it, and any ONNX graph of them, are read the
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 ONNX_FILE = "model.onnx"
 PLAN_FILE = "model.plan"
@@ -65,21 +65,34 @@ def parse_block_shape(text: str | int) -> tuple[int, int] | None:
 class Variant:
     """One model a run deploys. ``checkpoint``: the run-folder entry holding its PyTorch
     checkpoint (verify's reference). The ``baseline`` variant is the dense model: deployed from
-    its export, and the latency every other variant is measured against; the others are
-    deployed from their optimized folder."""
+    its export (``onnx/``), and the latency every other variant is measured against. A pruned
+    variant is deployed from its optimized folder (``opt/``); an INT8 copy of a variant
+    (``int8_of``: that variant's name) from its quantized folder (``quant/``)."""
 
     name: str
     checkpoint: str
     baseline: bool = False
+    int8_of: str | None = None
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
             raise ValueError(f"variant name must be letters, digits, - or _, got {self.name!r}")
+        if self.baseline and self.int8_of:
+            raise ValueError(f"variant {self.name}: the baseline is the fp32 dense model, not an INT8 copy")
+
+    @property
+    def folder(self) -> str:
+        """The run-folder entry its deployable model sits under (``<folder>/<name>``)."""
+        return "onnx" if self.baseline else ("quant" if self.int8_of else "opt")
+
+    def int8_copy(self) -> Variant:
+        return Variant(f"{self.name}{INT8_SUFFIX}", self.checkpoint, int8_of=self.name)
 
     def to_json(self) -> dict[str, object]:
-        return {"name": self.name, "checkpoint": self.checkpoint, "baseline": self.baseline}
+        return dict(asdict(self))
 
 
+INT8_SUFFIX = "-int8"
 # The variants of a run folder written before run.json listed its own (and of a run whose
 # config has a step 2): the dense teacher, step 1 and step 2, in pipeline order.
 DEFAULT_VARIANTS = (
