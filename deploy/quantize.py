@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -50,7 +49,7 @@ from mlpruning.core.contract import ONNX_FILE, QUANTIZE_REPORT
 from mlpruning.core.errors import CheckFailed
 from pipeline.tasks import TaskSpec, load_split
 
-CONTROL_SKIPS = ("head", "other", "block_sparse")  # not encoder layers
+CONTROL_SKIPS = ("head", "other", "block_sparse", "activation_products")  # not encoder layers
 
 
 @dataclass(frozen=True)
@@ -97,7 +96,7 @@ class _Scorer:
         result = run_split(model, self.task, self.dev, self.labels)
         agree = float(self.task.kind.agreeing(self.reference.outputs, result.outputs, 1e-4, 1e-3).mean())
         metric = result.metrics[self.task.main_metric]
-        timing = BenchConfig(batches=(1,), seqs=(128,), threads=opts.threads, warmup=2, rounds=3, iters=5)
+        timing = BenchConfig(batches=(1,), seqs=(128,), threads=opts.threads, warmup=3, rounds=7, iters=10)
         speedup = float(bench(folder, self.src, timing)["points"][0]["speedup_median"])
         ok = self.fp32_metric - metric <= opts.max_metric_drop and agree >= opts.min_agreement
         scored = Scored(candidate, metric, agree, speedup, ok)
@@ -111,26 +110,30 @@ class _Scorer:
         shutil.rmtree(self.work, ignore_errors=True)
 
 
-def _control(scorer: _Scorer, base: Candidate) -> Iterator[Scored]:
-    """Accuracy control from ``base``: the head in fp32, then layers by sensitivity (see doc)."""
+def _control(scorer: _Scorer, base: Candidate) -> None:
+    """Accuracy control from ``base`` (see the module doc); stops at the first passing step."""
     groups = [g for g in scorer.groups if g not in CONTROL_SKIPS and scorer.groups[g]]
     kept: tuple[str, ...] = ("head",) if scorer.groups.get("head") else ()
-    if kept:
-        yield scorer.score(base.keeping(kept))
-    alone = {g: scorer.score(base.keeping((*kept, g))).metric for g in groups}
-    for group in sorted(groups, key=lambda g: -alone[g]):
+    if kept and scorer.score(base.keeping(kept)).passed:
+        return
+    alone = {g: scorer.score(base.keeping((*kept, g))) for g in groups}
+    if any(s.passed for s in alone.values()):
+        return
+    # most sensitive first: the layer whose fp32 copy restores the most agreement, then metric
+    for group in sorted(groups, key=lambda g: (-alone[g].agreement, -alone[g].metric)):
         kept = (*kept, group)
-        yield scorer.score(base.keeping(kept))
+        if scorer.score(base.keeping(kept)).passed:
+            return
 
 
 def choose(scorer: _Scorer) -> Scored:
     """The fastest passing candidate, after accuracy control if no plain one passes."""
     for candidate in scorer.opts.candidates():
         scorer.score(candidate)
+    if not any(s.passed for s in scorer.tried):
+        best = max(scorer.tried, key=lambda s: (s.agreement, s.metric))
+        _control(scorer, best.candidate)
     passing = [s for s in scorer.tried if s.passed]
-    if not passing:
-        best = max(scorer.tried, key=lambda s: (s.metric, s.agreement))
-        passing = [s for s in _control(scorer, best.candidate) if s.passed][:1]
     if not passing:
         raise CheckFailed(
             f"no INT8 copy of {scorer.src} keeps {scorer.task.main_metric} within "

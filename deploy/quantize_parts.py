@@ -1,16 +1,21 @@
 """The pieces :mod:`deploy.quantize` is made of: options, candidates, the source check, the
 calibration data, the groups of MatMuls accuracy control keeps fp32, and one quantizer call.
 
-Groups: every MatMul of the graph by the encoder layer its module belongs to (``layer.3``, read
-from the exporter's name scopes, :mod:`graph_passes.scopes`, and the manifest's module paths),
-``head`` for the task head (pooler, classifier) and ``other`` for nodes no module claims.
+Groups: every MatMul with a constant weight by the encoder layer its module belongs to
+(``layer.3``, read from the exporter's name scopes, :mod:`graph_passes.scopes`, and the
+manifest's module paths), ``head`` for the task head (pooler, classifier) and ``other`` for
+nodes no module claims; ``activation_products`` for attention's activation x activation
+MatMuls (Q K^T, P V), which stay fp32 in both modes (the QDQ quantizer does not honour
+``MatMulConstBOnly``, so static mode names them in ``nodes_to_exclude``).
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -128,11 +133,17 @@ def layer_groups(path: Path) -> dict[str, list[str]]:
     manifest = read_json(path.parent / MANIFEST_FILE) or {}
     layers = re.escape(((manifest.get("adapter") or {}).get("layers")) or "layer")
     pattern = re.compile(rf"(?:^|\.){layers}\.(\d+)(?:\.|$)")
-    groups: dict[str, list[str]] = {"head": [], "other": [], "block_sparse": []}
-    for node in ir.load(path).graph:
+    groups: dict[str, list[str]] = {"head": [], "other": [], "block_sparse": [], "activation_products": []}
+    graph = ir.load(path).graph
+    constants = {v.name for v in graph.initializers.values()}
+    constants |= {n.outputs[0].name for n in graph if n.op_type == "Constant"}
+    for node in graph:
         if node.domain == BLOCK_SPARSE_DOMAIN:
             groups["block_sparse"].append(node.name or "")
         if node.op_type != "MatMul" or not node.name:
+            continue
+        if not any(i is not None and i.name in constants for i in node.inputs):
+            groups["activation_products"].append(node.name)  # attention's Q K^T and P V
             continue
         scope = module_path(node)
         match = pattern.search(scope) if scope else None
@@ -196,19 +207,38 @@ def write_candidate(
         "extra_options": {"MatMulConstBOnly": True},
     }
     if candidate.mode == "dynamic":
-        quantize_dynamic(src / ONNX_FILE, out / ONNX_FILE, **common)
+        with _quiet():
+            quantize_dynamic(src / ONNX_FILE, out / ONNX_FILE, **common)
         return
+    common["nodes_to_exclude"] += groups.get("activation_products", [])
+    # MatMul outputs stay fp32, so ORT runs MatMulIntegerToFloat: no requantization before the
+    # bias, GELU and residual adds
+    common["extra_options"] = {"OpTypesToExcludeOutputQuantization": ["MatMul"]}
     methods = {
         "minmax": CalibrationMethod.MinMax,
         "entropy": CalibrationMethod.Entropy,
         "percentile": CalibrationMethod.Percentile,
     }
-    quantize_static(
-        src / ONNX_FILE,
-        out / ONNX_FILE,
-        calibration(),
-        quant_format=QuantFormat.QDQ,
-        activation_type=QuantType.QUInt8,
-        calibrate_method=methods[method],
-        **common,
-    )
+    with _quiet():
+        quantize_static(
+            src / ONNX_FILE,
+            out / ONNX_FILE,
+            calibration(),
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QUInt8,
+            calibrate_method=methods[method],
+            **common,
+        )
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """ORT's quantizers log a pre-processing hint on the root logger for every call: not the
+    user's concern here (shape inference runs inside the quantizer anyway)."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)

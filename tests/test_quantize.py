@@ -128,3 +128,56 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(case, message, int8, s
     proc = run_cli("quantize", str(src), "--out", str(out), "--data-dir", str(glue), *extra)
     assert_one_line_error(proc, message)
     assert not out.exists()
+
+
+class FakeScorer:
+    """choose()'s view of a scorer, with outcomes fixed per candidate (no model runs)."""
+
+    def __init__(self, outcome, opts: QuantizeOptions | None = None) -> None:
+        from deploy.quantize_parts import QuantizeOptions as Options
+
+        self.opts = opts or Options(mode="dynamic")
+        self.groups = {"head": ["cls"], "layer.0": ["a"], "layer.1": ["b"], "layer.2": ["c"], "other": []}
+        self.outcome, self.tried = outcome, []
+        self.src, self.task, self.fp32_metric = Path("src"), type("T", (), {"main_metric": "accuracy"}), 0.9
+
+    def score(self, candidate):
+        from deploy.quantize import Scored
+
+        metric, agreement, speedup = self.outcome(candidate)
+        ok = self.fp32_metric - metric <= self.opts.max_metric_drop and agreement >= self.opts.min_agreement
+        self.tried.append(Scored(candidate, metric, agreement, speedup, ok))
+        return self.tried[-1]
+
+
+def test_choose_takes_the_fastest_passing_candidate():
+    from deploy.quantize import choose
+
+    chosen = choose(FakeScorer(lambda c: (0.9, 1.0, 2.0 if c.per_channel else 1.5)))
+    assert chosen.candidate.per_channel and chosen.speedup == 2.0
+
+
+def test_accuracy_control_keeps_the_head_then_the_most_sensitive_layers_fp32():
+    from deploy.quantize import choose
+
+    # each fp32 layer restores agreement: layer.1 most, then layer.2; both are needed
+    gain = {"head": 0.001, "layer.0": 0.0, "layer.1": 0.004, "layer.2": 0.003}
+    scorer = FakeScorer(lambda c: (0.9, 0.984 + sum(gain[g] for g in c.keep_fp32), 3.0 - len(c.keep_fp32)))
+    chosen = choose(scorer)
+    assert chosen.candidate.keep_fp32 == ("head", "layer.1", "layer.2") and chosen.passed
+
+
+def test_accuracy_control_stops_at_one_layer_when_one_suffices_and_fails_when_none_does():
+    from deploy.quantize import choose
+    from mlpruning.core.errors import CheckFailed
+
+    scorer = FakeScorer(lambda c: (0.9, 0.995 if "layer.2" in c.keep_fp32 else 0.98, 2.0))
+    assert choose(scorer).candidate.keep_fp32 == ("head", "layer.2")
+    assert [s.candidate.keep_fp32 for s in scorer.tried][-4:] == [
+        ("head",),
+        ("head", "layer.0"),
+        ("head", "layer.1"),
+        ("head", "layer.2"),
+    ]
+    with pytest.raises(CheckFailed, match="even with every layer fp32"):
+        choose(FakeScorer(lambda c: (0.5, 0.5, 2.0)))
