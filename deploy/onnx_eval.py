@@ -2,10 +2,12 @@
 
 The folder is opened as serve opens it (:class:`deploy.batcher.ServedModel`: the tokenizer from
 ``tokenizer.json``, ONNX Runtime, the task kind's output names), with texts cut to
-``max_tokens`` as training cut them (128 by default). Examples run in batches sorted by length
-(least padding); outputs are put back in file order, so two models' outputs line up example by
-example and the task kind can say how many of them agree. Used by ``quantize`` to score each
-candidate against the fp32 model it came from.
+``max_tokens`` as training cut them (128 by default). Examples run in file order, 64 to a
+right-padded batch, as verify runs them: with dynamic INT8 a batch shares one activation scale,
+padding included, so an example's output depends on its batch, and a score taken here is the
+one verify will see. Two models' outputs line up example by example and the task kind can say
+how many of them agree. Used by ``quantize`` to score each candidate against the fp32 model it
+came from.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from deploy.batcher import ServedModel
 from mlpruning.core.errors import UserError
 from pipeline.task_kind import Outputs, stack_outputs
 from pipeline.tasks import Examples, TaskSpec
+
+BATCH = 64  # verify's
 
 
 @dataclass(frozen=True)
@@ -43,11 +47,10 @@ def encode(model: ServedModel, examples: Examples) -> list[Any]:
 
 
 def run_split(model: ServedModel, task: TaskSpec, encodings: list[Any], labels: np.ndarray) -> SplitRun:
-    lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
-    order = np.argsort(lengths, kind="stable")
+    order = np.arange(len(encodings))
     chunks = []
-    for start in range(0, len(order), 32):
-        idx = order[start : start + 32]
+    for start in range(0, len(order), BATCH):
+        idx = order[start : start + BATCH]
         rows = model.run_batch([encodings[i] for i in idx])
         chunks.append((idx, {name: np.stack([r[name] for r in rows]) for name in rows[0]}))
     outputs = stack_outputs(chunks, len(encodings))
