@@ -144,6 +144,30 @@ def choose(scorer: _Scorer) -> Scored:
     return max(passing, key=lambda s: s.speedup)
 
 
+def _runs(folder: Path, scorer: _Scorer) -> None:
+    from deploy.onnx_eval import open_for_eval
+
+    model = open_for_eval(folder, scorer.opts.threads)
+    outputs = model.run_batch(scorer.dev[:4])
+    if not all(np.isfinite(a).all() for row in outputs for a in row.values()):
+        raise CheckFailed(f"the INT8 model of {scorer.src} gives non-finite outputs: nothing written")
+
+
+def _why(scorer: _Scorer, chosen: Scored) -> str | None:
+    """Why groups stayed fp32, in the report's words (None when nothing did)."""
+    if not chosen.candidate.keep_fp32:
+        return None
+    plain = [s for s in scorer.tried if not s.candidate.keep_fp32]
+    best = max(plain, key=lambda s: (s.agreement, s.metric))
+    name = scorer.task.main_metric
+    return (
+        f"no full-INT8 candidate met the bounds (best: {best.agreement:.2%} agreement, {name} "
+        f"{best.metric:.4f} vs fp32 {scorer.fp32_metric:.4f}); with {', '.join(chosen.candidate.keep_fp32)} "
+        f"in fp32: {chosen.agreement:.2%}, {name} {chosen.metric:.4f} (layers measured one at a time, "
+        "most sensitive kept first)"
+    )
+
+
 def quantize(
     src: Path, out: Path, opts: QuantizeOptions | None = None, data_dir: Path | None = None
 ) -> dict[str, Any]:
@@ -160,6 +184,7 @@ def quantize(
             "fp32_metric": scorer.fp32_metric,
             "main_metric": task.main_metric,
             "kept_fp32": {g: scorer.groups[g] for g in chosen.candidate.keep_fp32},
+            "why_fp32": _why(scorer, chosen),
             "block_sparse_fp32": scorer.groups.get("block_sparse", []),
             "candidates": [s.to_json() for s in scorer.tried],
             "options": asdict(opts),
@@ -169,6 +194,7 @@ def quantize(
         with staging_dir(out) as tmp:
             shutil.copytree(scorer.folder_of(chosen), tmp, dirs_exist_ok=True)
             report["size_bytes"]["int8"] = (tmp / ONNX_FILE).stat().st_size
+            _runs(tmp, scorer)  # the file as written loads and answers before it is moved into place
             write_json(tmp / QUANTIZE_REPORT, report)
     finally:
         scorer.close()
