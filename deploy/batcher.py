@@ -42,11 +42,12 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 
 from deploy.engine_report import ENGINE_REPORT, profile_ranges
-from deploy.runners import open_model, runtime_name
+from deploy.runners import open_model, outputs_to_fetch, runtime_name
 from deploy.trt_engine import ENGINE_PROVIDER
 from mlpruning.core.contract import VOCAB_FILES
 from mlpruning.core.errors import UserError
 from mlpruning.core.hf_config import position_limit
+from mlpruning.core.jsonfile import recorded_task
 from pipeline.kinds import kind_for_head
 from pipeline.kinds.sequence import LOGITS
 from pipeline.task_kind import TaskKind
@@ -217,11 +218,10 @@ class ServedModel:
         self.pairs = None if self.task is None else self.task.pairs
 
     def _output_names(self) -> tuple[list[str], list[str]]:
-        """(the kind's output names, the model's outputs to fetch for them): by name, else (a
-        model made elsewhere) by position; with no task known, a sequence head's one output."""
-        have = [o.name for o in self.session.get_outputs()]
+        """(the kind's output names, the model's outputs to fetch for them); with no task known,
+        a sequence head's one output."""
         wanted = self.kind.output_names(self.task) if self.task is not None else [LOGITS]
-        return wanted, wanted if set(wanted) <= set(have) else have[: len(wanted)]
+        return wanted, outputs_to_fetch(self.session, wanted)
 
     def encode(self, items: list[str | tuple[str, str]]) -> list[Any]:
         """One unpadded ``tokenizers.Encoding`` per item, special tokens added."""
@@ -261,14 +261,13 @@ def _head_kind(session: Any, config: dict[str, Any]) -> TaskKind:
 
 
 def _task_of(folder: Path) -> TaskSpec | None:
-    for name in ("pruning.json", "export.json"):
-        task = (peek_json(folder / name) or {}).get("task")
-        if isinstance(task, str):
-            try:
-                return get_task(task)
-            except UserError:
-                return None
-    return None
+    """The recorded task, None when none is recorded or it is not registered in this process (a
+    sequence head is then served from its config)."""
+    task = recorded_task(folder)
+    try:
+        return None if task is None else get_task(task)
+    except UserError:
+        return None
 
 
 # the files one of which holds the vocabulary; the rest (tokenizer_config.json, ...) only tune it

@@ -87,7 +87,8 @@ def _fmt(value: float | None) -> str:
 
 def _parity_failure(parity: dict[str, Any]) -> str:
     """What failed, e.g. ``optimize max_abs 3.1e-02`` or ``860/872 identical predictions``."""
-    parts = [f"{s['stage']} max_abs {s['max_abs']:.1e}" for s in parity["stages"] if not s.get("passed")]
+    stages = [s for s in parity["stages"] if s.get("gating", True) and not s.get("passed")]
+    parts = [f"{s['stage']} max_abs {s['max_abs']:.1e}" for s in stages]
     if parity.get("metric_passed") is False:
         parts.append(f"{parity.get('identical_predictions')}/{parity.get('examples')} identical predictions")
     return ", ".join(parts) or "verify report says FAILED"
@@ -97,7 +98,8 @@ def _parity_check(variant: str, parity: dict[str, Any] | None) -> Check:
     if parity is None:
         return Check(variant, "parity", "-", "passed", False, "no verify report (parity unknown)")
     if parity["passed"]:
-        worst = max((s["max_abs"] or 0.0 for s in parity["stages"]), default=0.0)
+        gating = [s for s in parity["stages"] if s.get("gating", True)]
+        worst = max((s["max_abs"] or 0.0 for s in gating), default=0.0)
         return Check(variant, "parity", f"max_abs {worst:.1e}", "passed", True)
     failure = _parity_failure(parity)
     return Check(variant, "parity", "FAILED", "passed", False, f"parity failed: {failure}")

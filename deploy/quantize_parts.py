@@ -35,7 +35,7 @@ from mlpruning.core.contract import (
     TOKENIZER_FILES,
 )
 from mlpruning.core.errors import UserError
-from mlpruning.core.jsonfile import read_json
+from mlpruning.core.jsonfile import read_json, recorded_task
 from mlpruning.core.manifest import read_manifest
 from pipeline.tasks import Examples, TaskSpec, get_task
 
@@ -99,14 +99,6 @@ class Candidate:
         return {**asdict(self), "keep_fp32": list(self.keep_fp32)}
 
 
-def _task_of(src: Path) -> str | None:
-    for name in (EXPORT_REPORT, MANIFEST_FILE):
-        task = (read_json(src / name) or {}).get("task")
-        if isinstance(task, str):
-            return task
-    return None
-
-
 def check_source(src: Path, task_name: str | None) -> TaskSpec:
     """The task of an fp32 folder fit to quantize, or a one-line UserError naming the fix."""
     if not (src / ONNX_FILE).is_file():
@@ -120,7 +112,7 @@ def check_source(src: Path, task_name: str | None) -> TaskSpec:
             f"{src} is a pruned export whose zeros are still in place: run mlpruning optimize on it "
             "and quantize the optimized folder"
         )
-    own = _task_of(src)
+    own = recorded_task(src)
     if own is None:
         raise UserError(f"{src} does not say its task (export.json): re-run export")
     if task_name is not None and get_task(task_name).name != get_task(own).name:

@@ -110,12 +110,12 @@ def present_variants(run: Path) -> list[str]:
     return [v.name for v in variants(run) if (model_dir(run, v) / "model.onnx").is_file()]
 
 
-def best_variant(run: Path) -> str:
-    """The most-pruned variant present (what serve and export-triton deploy by default)."""
-    present = present_variants(run)
-    if not present:
-        raise FileNotFoundError(f"{run} holds no model: run `mlpruning run CONFIG` first")
-    return present[-1]
+def default_variant(run: Path, present: list[str]) -> str:
+    """What serve, build and export-triton deploy when no variant is named: the last fp32 variant
+    present (the most pruned), not an INT8 copy, which is chosen only by name (its integer ops
+    are this CPU's pick and a TensorRT build cannot take them)."""
+    fp32 = [name for name in present if not variant_named(run, name).int8_of]
+    return (fp32 or present)[-1]
 
 
 def resolve_variant(
@@ -124,7 +124,7 @@ def resolve_variant(
     """(model folder, variant) for a model folder (one of ``model_files`` in it) or a run folder.
 
     A model folder is taken as it is when no variant is named; a run folder gives the named
-    variant's model or, by default, the most-pruned one. Anything else is a one-line UserError.
+    variant's model or, by default, :func:`default_variant`. Anything else is a one-line UserError.
     """
     if not path.is_dir():
         raise UserError(f"{path} does not exist: pass a run folder or a folder with model.onnx")
@@ -138,7 +138,7 @@ def resolve_variant(
             f"{path} holds neither model.onnx nor a run's models (opt/<variant>/model.onnx): pass a "
             "run folder (mlpruning run) or a folder written by export, optimize or build"
         )
-    chosen = variant or present[-1]
+    chosen = variant or default_variant(path, present)
     if chosen not in present:
         raise UserError(f"variant '{chosen}' is not in {path}: use one of {', '.join(present)}")
     return model_dir(path, chosen), chosen

@@ -81,3 +81,15 @@ def runtime_name(session: Runner) -> str:
 
 def model_label(folder: Path, session: Runner) -> str:
     return str(folder / PLAN_FILE) if runtime_name(session) == ENGINE_PROVIDER else str(folder)
+
+
+def outputs_to_fetch(session: Runner, names: list[str]) -> list[str]:
+    """The model outputs that hold a task kind's outputs ``names``: those names, or, for a model
+    made elsewhere whose outputs are named otherwise but are as many, its first ones in order."""
+    have = [o.name for o in session.get_outputs()]
+    if set(names) <= set(have):
+        return names
+    if len(have) < len(names):
+        fix = "export it with mlpruning export"
+        raise UserError(f"the model has outputs {have}, the task needs {names}: {fix}")
+    return have[: len(names)]

@@ -3,7 +3,7 @@
 ``create_app`` loads the model folder once (:class:`deploy.batcher.ServedModel`: tokenizer, ORT
 session on the chosen provider, label names), warms it up, and answers from it; requests from
 all clients are batched together by :class:`deploy.batcher.MicroBatcher` (see that module for
-the batching policy). A run folder serves ``model_dir(run, best_variant(run))`` unless a variant
+the batching policy). A run folder serves ``model_dir(run, default_variant(...))`` unless a variant
 is named; a plain folder written by export or optimize is served as it is.
 
 Endpoints:

@@ -97,12 +97,12 @@ def _parity(report: dict[str, Any] | None) -> dict[str, Any] | None:
     if report is None:
         return None
     keys = ("max_abs", "p99_abs", "max_rel", "failing_elements", "elements", "atol_that_passes", "passed")
-    keys += ("gating",)
     stages = [
         {
             "stage": _stage_label(str(s.get("stage", "?"))),
             "path": s.get("stage"),
             **{k: s.get(k) for k in keys},
+            "gating": s.get("gating", True),  # reports before INT8 held only gating stages
         }
         for s in report.get("stages", [])
     ]

@@ -32,9 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from deploy.runners import model_label, open_model, runtime_name
+from deploy.runners import model_label, open_model, outputs_to_fetch, runtime_name
 from mlpruning.core.contract import QUANTIZE_REPORT
-from mlpruning.core.errors import UserError
 from mlpruning.core.tolerance import beyond_tolerance
 from pipeline.task_kind import Outputs, stack_outputs
 
@@ -99,24 +98,20 @@ def compare(got: np.ndarray, want: np.ndarray, tol: Tolerance) -> dict[str, Any]
     }
 
 
-def open_stages(stages: list[Path], provider: str, engine: bool) -> dict[str, Any]:
-    """Sessions by report label; ``engine`` applies to the last stage (the folder under test)."""
-    sessions = {}
+def open_stages(stages: list[Path], provider: str, engine: bool) -> list[tuple[str, Any]]:
+    """(report label, session) per stage, in order (a folder given twice is checked twice);
+    ``engine`` applies to the last stage (the folder under test)."""
+    sessions = []
     for k, folder in enumerate(stages):
         session = open_model(folder, None, provider, engine and k == len(stages) - 1)
-        sessions[model_label(folder, session)] = session
+        sessions.append((model_label(folder, session), session))
     return sessions
 
 
 def runtime_outputs(session: Any, names: list[str], feeds: dict[str, np.ndarray]) -> Outputs:
     """The outputs ``names`` (the task kind's) of one run: by name, or, for a model made elsewhere
     whose outputs are named otherwise but are as many, by position."""
-    have = [o.name for o in session.get_outputs()]
-    asked = names if set(names) <= set(have) else have[: len(names)]
-    if len(asked) < len(names):
-        raise UserError(
-            f"the model has outputs {have}, the task needs {names}: export it with mlpruning export"
-        )
+    asked = outputs_to_fetch(session, names)
     inputs = [i.name for i in session.get_inputs()]
     return dict(zip(names, session.run(asked, {k: feeds[k] for k in inputs}), strict=True))
 
@@ -222,11 +217,11 @@ def verify(
     model, task = _reference_model(reference, task_name)
     encoded = encode(load_tokenizer(str(reference)), load_split(task, "dev", data_dir), 128)
     results = []
-    for (stage, s), quantized in zip(sessions.items(), int8, strict=True):
+    for (stage, s), quantized in zip(sessions, int8, strict=True):
         parity = _stage_parity(s, model, encoded, task, tol, seed)
         # INT8 logits are not fp32 logits: their error is reported, agreement and metric decide
         results.append({"stage": stage, "runtime": runtime_name(s), **parity, "gating": not quantized})
-    metric = _metric_parity(list(sessions.values())[-1], model, encoded, task, tol)
+    metric = _metric_parity(sessions[-1][1], model, encoded, task, tol)
     return {
         "reference": str(reference),
         "tolerance": tol.__dict__,

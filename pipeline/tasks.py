@@ -136,6 +136,8 @@ _ALIASES = {"sst-2": "sst2", "sst": "sst2", "sts-b": "stsb", "mnli-m": "mnli"}
 
 def register_task(task: TaskSpec) -> None:
     """Add a task (its files, columns, labels, metrics and kind) under ``task.name``."""
+    if task.name != task.name.lower():
+        raise ValueError(f"task names are lower case (get_task lowers what users type): {task.name!r}")
     if task.name in TASKS or task.name in _ALIASES:
         raise ValueError(f"task {task.name!r} is registered already")
     TASKS[task.name] = task

@@ -12,6 +12,7 @@ from deploy import runners
 from graph_passes.optimize import optimize
 from mlpruning.core import contract
 from mlpruning.core.contract import Family
+from mlpruning.core.errors import UserError
 from tests.onnx_zeroing import copy_folder, zero_heads
 
 LEGACY = Path(__file__).parent / "fixtures" / "legacy"
@@ -52,6 +53,16 @@ def test_a_registered_runtime_opens_the_folders_it_claims(tmp_path, monkeypatch)
     assert runner.run(None, {"input_ids": np.zeros((3, 5), np.int64)})[0].shape == (3, 2)
     onnx_folder = LEGACY / "hf4_bert_seqcls_op14_eager"  # a folder it does not claim: ONNX Runtime
     assert runners.runtime_name(runners.open_model(onnx_folder)) == "CPUExecutionProvider"
+
+
+def test_outputs_are_fetched_by_name_else_by_position_else_refused(tmp_path):
+    runner = ConstantRunner(tmp_path)  # one output, "logits"
+    assert runners.outputs_to_fetch(runner, ["logits"]) == ["logits"]
+    assert runners.outputs_to_fetch(runner, ["score"]) == ["logits"]  # made elsewhere: by position
+    with pytest.raises(
+        UserError, match=r"outputs \['logits'\], the task needs \['start', 'end'\]: export it"
+    ):
+        runners.outputs_to_fetch(runner, ["start", "end"])
 
 
 TOY = Family(

@@ -77,6 +77,19 @@ def test_parity_failure_fails(run, baseline):
     assert _reasons(run, baseline) == ["step2: no verify report (parity unknown)"]
 
 
+def test_a_non_gating_stage_is_information(run, baseline):
+    report = _verify(run, "step2", 0.88)
+    report["stages"][-1].update(max_abs=0.2, failing_elements=40, passed=False, gating=False)  # INT8 logits
+    layout.verify_report(run, "step2").write_text(json.dumps(report))
+    assert _reasons(run, baseline) == []
+    stages = build_summary(run)["variants"]["step2"]["parity"]["stages"]
+    assert [s["gating"] for s in stages] == [True, False]  # reports without the key: gating
+    report["passed"] = report["metric"]["passed"] = False
+    report["metric"]["identical_predictions"] = 31
+    layout.verify_report(run, "step2").write_text(json.dumps(report))
+    assert _reasons(run, baseline) == ["step2: parity failed: 31/32 identical predictions"]
+
+
 def test_parity_failure_of_a_variant_outside_the_baseline_fails(run, baseline):
     del baseline["variants"]["step2"]
     layout.verify_report(run, "step2").write_text(json.dumps(_verify(run, "step2", 0.86, passed=False)))

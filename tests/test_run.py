@@ -209,6 +209,9 @@ def test_a_variant_can_have_its_own_verify_bounds(tmp_path):
     step2 = cfg.verify_for("step2")
     assert (step2.atol, step2.min_agreement, step2.max_metric_drop) == (2e-4, 0.99, 0.01)
     assert cfg.stage_inputs("verify:step2") != cfg.stage_inputs("verify:step1")
+    # hashed resolved: runs written before the precision defaults existed keep their verify stages
+    before = {"atol": 2e-4, "rtol": 1e-3, "min_agreement": 1.0, "max_metric_drop": None}
+    assert cfg.stage_inputs("verify:step1") == {"verify": before}
     config.write_text(body + "[verify.int8]\nmin_agreement = 0.99\n")
     with pytest.raises(UserError, match=r"\[verify.int8\]: no such variant in this run; variants: dense"):
         load_run_config(config, tmp_path / "run")

@@ -35,6 +35,7 @@ from deploy.serve import (
     create_app,
     resolve_target,
 )
+from mlpruning.core.contract import DEFAULT_VARIANTS, Variant
 from mlpruning.core.errors import UserError
 from tests.conftest import free_port
 
@@ -319,6 +320,19 @@ def test_run_folder_serves_its_best_variant_with_its_reports(tmp_path: Path, fol
         resolve_target(tmp_path)
     with pytest.raises(UserError, match="does not exist"):
         resolve_target(tmp_path / "missing")
+
+
+def test_an_int8_copy_is_served_only_when_named(tmp_path: Path, folder: Path) -> None:
+    run = make_run(tmp_path, folder)
+    step1 = Variant("step1", "step1")
+    listed = [DEFAULT_VARIANTS[0], step1, step1.int8_copy(), DEFAULT_VARIANTS[0].int8_copy()]
+    (run / "run.json").write_text(json.dumps({"variants": [v.to_json() for v in listed]}))
+    for name in ("step1-int8", "dense-int8"):
+        shutil.copytree(folder, run / "quant" / name)
+    assert resolve_target(run)[1:] == (run, "step1")  # the last fp32 variant, listed before the copies
+    assert resolve_target(run, "dense-int8")[0] == run / "quant" / "dense-int8"
+    shutil.rmtree(run / "opt")
+    assert resolve_target(run)[2] == "dense-int8"  # no fp32 model left: what there is
 
 
 def test_compact_drops_per_index_lists() -> None:

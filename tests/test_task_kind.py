@@ -74,8 +74,8 @@ class BinaryScore(TaskKind):
 
 
 @pytest.fixture()
-def toy_task(monkeypatch):
-    monkeypatch.setitem(kinds.KINDS, BinaryScore.name, BinaryScore())
+def toy_task():
+    kinds.register_kind(BinaryScore())
     spec = TaskSpec(
         "toy_sst2",
         "SST-2",
@@ -88,13 +88,50 @@ def toy_task(monkeypatch):
         (("train", ("train.tsv",)), ("dev", ("dev.tsv",))),
         kind_name=BinaryScore.name,
     )
-    monkeypatch.setitem(tasks.TASKS, spec.name, spec)
-    return spec
+    tasks.register_task(spec)
+    with pytest.raises(ValueError, match="registered already"):
+        tasks.register_task(spec)
+    with pytest.raises(ValueError, match="registered already"):
+        kinds.register_kind(BinaryScore())
+    yield spec
+    del tasks.TASKS[spec.name], kinds.KINDS[BinaryScore.name]
 
 
 def test_registering_a_task_with_an_unknown_kind_fails_where_it_is_declared():
     with pytest.raises(Exception, match="unknown task kind 'nope'"):
         TaskSpec("x", "X", ("a",), "l", ("0",), ("zero",), ("accuracy",), "accuracy", (), kind_name="nope")
+    upper = TaskSpec("Toy", "X", ("a",), "l", ("0",), ("zero",), ("accuracy",), "accuracy", ())
+    with pytest.raises(ValueError, match="lower case"):  # get_task looks names up in lower case
+        tasks.register_task(upper)
+
+
+@pytest.mark.parametrize("task_name", ["sst2", "stsb"])
+def test_the_built_in_kinds_losses_are_the_ones_transformers_and_the_paper_use(task_name, tmp_path):
+    """The task loss is transformers' own ``labels`` loss, bit for bit; distillation is the
+    temperature-scaled KL of the class distributions (T^2, batch mean), MSE for a score."""
+    from pipeline.finetune import task_forward
+    from pipeline.models import load_for_task
+
+    task = tasks.get_task(task_name)
+    model = load_for_task(str(save_tiny(tmp_path / "m", "bert", layers=1, heads=2)), task).eval()
+    torch.manual_seed(0)
+    batch = {
+        "input_ids": torch.randint(1000, 2000, (6, 9)),
+        "attention_mask": torch.ones(6, 9, dtype=torch.long),
+    }
+    labels = np.array([0, 1, 1, 0, 1, 0] if task_name == "sst2" else [0.5, 4.0, 2.2, 1.0, 3.3, 5.0])
+    _, outputs, loss = task_forward(model, task, batch, labels)
+    hf = model(**batch, labels=task.kind.label_tensor(labels)).loss
+    assert torch.equal(loss, hf)
+    teacher = {k: v.detach() + torch.randn_like(v) for k, v in outputs.items()}
+    got = task.kind.distill_loss(outputs, teacher, 2.0).double()
+    s, t = outputs["logits"].double(), teacher["logits"].double()
+    if task_name == "sst2":
+        p = torch.softmax(t / 2, -1)
+        want = (p * (p.log() - torch.log_softmax(s / 2, -1))).sum(-1).mean() * 4
+    else:
+        want = ((s - t) ** 2).mean()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_a_registered_kind_trains_prunes_exports_verifies_and_serves(toy_task, tmp_path):

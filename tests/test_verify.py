@@ -66,6 +66,8 @@ def test_broken_pass_fails_and_points_at_its_stage(masked, stripped, tmp_path):
     report = verify([stripped / "onnx", broken], masked / "masked", None, masked / "glue", Tolerance())
     assert not report["passed"]
     assert [r["passed"] for r in report["stages"]] == [True, False]
+    twice = verify([broken, broken], masked / "masked", None, masked / "glue", Tolerance())
+    assert [r["stage"] for r in twice["stages"]] == [str(broken)] * 2  # a folder given twice is checked twice
     proc = run_cli(
         "verify",
         str(broken),

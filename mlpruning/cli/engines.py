@@ -17,7 +17,10 @@ SourceArg = Annotated[
 ]
 VariantOpt = Annotated[
     str | None,
-    typer.Option("--variant", help="Run folder only: dense, step1 or step2 (default: the most pruned)."),
+    typer.Option(
+        "--variant",
+        help="Run folder only: a variant run.json lists (default: the last fp32 one, the most pruned).",
+    ),
 ]
 
 

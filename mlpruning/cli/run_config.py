@@ -96,7 +96,9 @@ class RunConfig:
         if table == "teacher":
             return {"teacher": self.teacher} if self.teacher else {"finetune": _plain(self.finetune)}
         if table == "verify":
-            return {table: _plain(self.verify_for(variant))}
+            # the resolved bounds: a config spelling out the precision's defaults hashes the same
+            int8 = any(v.name == variant and v.int8_of for v in self.variants)
+            return {table: _plain(self.verify_for(variant).resolved(int8))}
         return {table: _plain(getattr(self, table))}
 
 

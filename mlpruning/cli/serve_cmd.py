@@ -17,10 +17,16 @@ LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 def serve(
     target: Annotated[
         Path,
-        typer.Argument(help="Run folder (serves its most-pruned variant) or a folder with model.onnx."),
+        typer.Argument(
+            help="Run folder (serves its last fp32 variant, the most pruned) or a folder with model.onnx."
+        ),
     ],
     variant: Annotated[
-        str | None, typer.Option("--variant", help="Run variant to serve: dense, step1 or step2.")
+        str | None,
+        typer.Option(
+            "--variant",
+            help="Run variant to serve: dense, step1, step2, step1-int8, ... (run.json lists them).",
+        ),
     ] = None,
     host: Annotated[
         str, typer.Option(help="Address to bind; the server has no authentication.")

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from mlpruning.core.contract import EXPORT_REPORT, MANIFEST_FILE
 from mlpruning.core.errors import UserError
 
 RERUN = "re-run the stage that writes it"
@@ -34,3 +35,13 @@ def read_json(path: Path, fix: str = RERUN) -> dict[str, Any] | None:
     if not isinstance(data, dict):
         raise UserError(f"{path} holds no JSON object: {fix}")
     return data
+
+
+def recorded_task(folder: Path) -> str | None:
+    """The task an artifact folder was made for, as its export report (or, for a checkpoint, its
+    manifest) records it; None when neither says."""
+    for name in (EXPORT_REPORT, MANIFEST_FILE):
+        task = (read_json(folder / name) or {}).get("task")
+        if isinstance(task, str):
+            return task
+    return None
