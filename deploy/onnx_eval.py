@@ -20,10 +20,9 @@ import numpy as np
 
 from deploy.batcher import ServedModel
 from mlpruning.core.errors import UserError
+from mlpruning.core.tolerance import EVAL_BATCH
 from pipeline.task_kind import Outputs, stack_outputs
 from pipeline.tasks import Examples, TaskSpec
-
-BATCH = 64  # verify's
 
 
 @dataclass(frozen=True)
@@ -49,8 +48,8 @@ def encode(model: ServedModel, examples: Examples) -> list[Any]:
 def run_split(model: ServedModel, task: TaskSpec, encodings: list[Any], labels: np.ndarray) -> SplitRun:
     order = np.arange(len(encodings))
     chunks = []
-    for start in range(0, len(order), BATCH):
-        idx = order[start : start + BATCH]
+    for start in range(0, len(order), EVAL_BATCH):
+        idx = order[start : start + EVAL_BATCH]
         rows = model.run_batch([encodings[i] for i in idx])
         chunks.append((idx, {name: np.stack([r[name] for r in rows]) for name in rows[0]}))
     outputs = stack_outputs(chunks, len(encodings))

@@ -3,9 +3,9 @@
 Affine int8: a tensor x is stored as q = round(x / s) + z, read back as s (q - z). Weights are
 int8 and symmetric (z = 0), one scale per tensor or per output channel (``per_channel``);
 ``reduce_range`` keeps weights to 7 bits, which avoids the saturating u8 x s8 products of x86
-CPUs without VNNI (:mod:`deploy.cpu_features`). Only MatMul is quantized, so every projection
-of the encoder and the classifier run as int8 products while LayerNorm, softmax and GELU stay
-fp32. Two modes:
+CPUs without VNNI (:mod:`deploy.cpu_features`). Only the linears (MatMul and Gemm with a
+constant weight) are quantized, so every projection of the encoder, the pooler and the
+classifier run as int8 products while LayerNorm, softmax and GELU stay fp32. Two modes:
 
 - ``dynamic``: the scale of each activation is computed per batch at run time
   (DynamicQuantizeLinear + MatMulInteger); nothing to calibrate.
@@ -71,15 +71,17 @@ class _Scorer:
         from deploy.onnx_eval import encode, open_for_eval, run_split
 
         self.src, self.task, self.opts = src, task, opts
-        self.work = Path(tempfile.mkdtemp(prefix="mlpruning-quantize-"))
         fp32 = open_for_eval(src, opts.threads)
         dev = load_split(task, "dev", data_dir)
         self.dev, self.labels = encode(fp32, dev), np.asarray(dev.labels)
         self.reference = run_split(fp32, task, self.dev, self.labels)
-        train = load_split(task, "train", data_dir)
-        self.calibration = calibration_reader(fp32, train, opts.calibration_examples, opts.seed)
+        self.calibration = None  # static candidates only: dynamic ones need no training split
+        if any(c.mode == "static" for c in opts.candidates()):
+            train = load_split(task, "train", data_dir)
+            self.calibration = calibration_reader(fp32, train, opts.calibration_examples, opts.seed)
         self.groups = layer_groups(src / ONNX_FILE)
         self.tried: list[Scored] = []
+        self.work = Path(tempfile.mkdtemp(prefix="mlpruning-quantize-"))  # last: nothing above leaks it
 
     @property
     def fp32_metric(self) -> float:
@@ -94,7 +96,9 @@ class _Scorer:
         write_candidate(self.src, folder, candidate, self.groups, self.calibration, opts.calibrate_method)
         model = open_for_eval(folder, self.opts.threads)
         result = run_split(model, self.task, self.dev, self.labels)
-        agree = float(self.task.kind.agreeing(self.reference.outputs, result.outputs, 1e-4, 1e-3).mean())
+        kind = self.task.kind
+        atol, rtol = kind.agreement_tolerance(self.labels, 1e-4, 1e-3, int8=True)  # verify's at INT8
+        agree = float(kind.agreeing(self.reference.outputs, result.outputs, atol, rtol).mean())
         metric = result.metrics[self.task.main_metric]
         timing = BenchConfig(batches=(1,), seqs=(128,), threads=opts.threads, warmup=3, rounds=7, iters=10)
         speedup = float(bench(folder, self.src, timing)["points"][0]["speedup_median"])
@@ -110,19 +114,25 @@ class _Scorer:
         shutil.rmtree(self.work, ignore_errors=True)
 
 
+def _measure(scorer: _Scorer, candidate: Candidate) -> Scored:
+    """``candidate``'s score, measured once: accuracy control reaches some candidates twice."""
+    known = [s for s in scorer.tried if s.candidate == candidate]
+    return known[0] if known else scorer.score(candidate)
+
+
 def _control(scorer: _Scorer, base: Candidate) -> None:
     """Accuracy control from ``base`` (see the module doc); stops at the first passing step."""
     groups = [g for g in scorer.groups if g not in CONTROL_SKIPS and scorer.groups[g]]
     kept: tuple[str, ...] = ("head",) if scorer.groups.get("head") else ()
-    if kept and scorer.score(base.keeping(kept)).passed:
+    if kept and _measure(scorer, base.keeping(kept)).passed:
         return
-    alone = {g: scorer.score(base.keeping((*kept, g))) for g in groups}
+    alone = {g: _measure(scorer, base.keeping((*kept, g))) for g in groups}
     if any(s.passed for s in alone.values()):
         return
     # most sensitive first: the layer whose fp32 copy restores the most agreement, then metric
     for group in sorted(groups, key=lambda g: (-alone[g].agreement, -alone[g].metric)):
         kept = (*kept, group)
-        if scorer.score(base.keeping(kept)).passed:
+        if _measure(scorer, base.keeping(kept)).passed:
             return
 
 

@@ -1,7 +1,7 @@
 """The pieces :mod:`deploy.quantize` is made of: options, candidates, the source check, the
 calibration data, the groups of MatMuls accuracy control keeps fp32, and one quantizer call.
 
-Groups: every MatMul with a constant weight by the encoder layer its module belongs to
+Groups: every MatMul or Gemm with a constant weight by the encoder layer its module belongs to
 (``layer.3``, read from the exporter's name scopes, :mod:`graph_passes.scopes`, and the
 manifest's module paths), ``head`` for the task head (pooler, classifier) and ``other`` for
 nodes no module claims; ``activation_products`` for attention's activation x activation
@@ -37,12 +37,14 @@ from mlpruning.core.contract import (
 from mlpruning.core.errors import UserError
 from mlpruning.core.jsonfile import read_json, recorded_task
 from mlpruning.core.manifest import read_manifest
+from mlpruning.core.tolerance import INT8_MAX_METRIC_DROP, INT8_MIN_AGREEMENT
 from pipeline.tasks import Examples, TaskSpec, get_task
 
 MODES = ("auto", "dynamic", "static")
 SEARCHES = ("quick", "full")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 QUANT_OPS = {"QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "QLinearMatMul"}
+QUANTIZED_OPS = ("MatMul", "Gemm")  # the linears; LayerNorm, softmax and GELU stay fp32
 CARRIED = (CONFIG_FILE, MANIFEST_FILE, EXPORT_REPORT, OPTIMIZE_REPORT, *TOKENIZER_FILES)
 
 
@@ -56,8 +58,8 @@ class QuantizeOptions:
     search: str = "quick"
     calibration_examples: int = 256
     calibrate_method: str = "minmax"
-    max_metric_drop: float = 0.01
-    min_agreement: float = 0.99
+    max_metric_drop: float = INT8_MAX_METRIC_DROP
+    min_agreement: float = INT8_MIN_AGREEMENT
     seed: int = 0
     threads: int = 1
     task: str | None = None
@@ -121,7 +123,8 @@ def check_source(src: Path, task_name: str | None) -> TaskSpec:
 
 
 def layer_groups(path: Path) -> dict[str, list[str]]:
-    """MatMul node names by group (module doc), and the BlockSparseLinear nodes (``block_sparse``)."""
+    """MatMul and Gemm node names by group (module doc), and the BlockSparseLinear nodes
+    (``block_sparse``). A task head is often a Gemm (the pooler and the classifier)."""
     manifest = read_json(path.parent / MANIFEST_FILE) or {}
     layers = re.escape(((manifest.get("adapter") or {}).get("layers")) or "layer")
     pattern = re.compile(rf"(?:^|\.){layers}\.(\d+)(?:\.|$)")
@@ -132,7 +135,7 @@ def layer_groups(path: Path) -> dict[str, list[str]]:
     for node in graph:
         if node.domain == BLOCK_SPARSE_DOMAIN:
             groups["block_sparse"].append(node.name or "")
-        if node.op_type != "MatMul" or not node.name:
+        if node.op_type not in QUANTIZED_OPS or not node.name:
             continue
         if not any(i is not None and i.name in constants for i in node.inputs):
             groups["activation_products"].append(node.name)  # attention's Q K^T and P V
@@ -168,12 +171,26 @@ def calibration_reader(model: Any, train: Examples, n: int, seed: int) -> Callab
     return lambda: _Feeds(feeds)
 
 
+def _common_options(candidate: Candidate, groups: dict[str, list[str]]) -> dict[str, Any]:
+    from onnxruntime.quantization import QuantType
+
+    excluded = [n for g in candidate.keep_fp32 for n in groups.get(g, [])]
+    return {
+        "op_types_to_quantize": list(QUANTIZED_OPS),
+        "per_channel": candidate.per_channel,
+        "reduce_range": candidate.reduce_range,
+        "weight_type": QuantType.QInt8,
+        # the dynamic quantizer first splits a Gemm G into G_MatMul + G_Add and quantizes those
+        "nodes_to_exclude": excluded + [f"{n}_MatMul" for n in excluded],
+    }
+
+
 def write_candidate(
     src: Path,
     out: Path,
     candidate: Candidate,
     groups: dict[str, list[str]],
-    calibration: Callable[[], _Feeds],
+    calibration: Callable[[], _Feeds] | None,
     method: str = "minmax",
 ) -> None:
     """``candidate`` of ``src/model.onnx`` into ``out``, with the folder's other files."""
@@ -189,28 +206,18 @@ def write_candidate(
     for name in CARRIED:
         if (src / name).is_file():
             shutil.copy(src / name, out / name)
-    common: dict[str, Any] = {
-        "op_types_to_quantize": ["MatMul"],
-        "per_channel": candidate.per_channel,
-        "reduce_range": candidate.reduce_range,
-        "weight_type": QuantType.QInt8,
-        "nodes_to_exclude": [n for g in candidate.keep_fp32 for n in groups.get(g, [])],
-        # attention's activation x activation products stay fp32
-        "extra_options": {"MatMulConstBOnly": True},
-    }
+    common = _common_options(candidate, groups)
     if candidate.mode == "dynamic":
-        with _quiet():
-            quantize_dynamic(src / ONNX_FILE, out / ONNX_FILE, **common)
+        with _quiet():  # attention's activation x activation products stay fp32
+            quantize_dynamic(
+                src / ONNX_FILE, out / ONNX_FILE, **common, extra_options={"MatMulConstBOnly": True}
+            )
         return
+    if calibration is None:
+        raise ValueError("a static candidate needs calibration data")
     common["nodes_to_exclude"] += groups.get("activation_products", [])
-    # MatMul outputs stay fp32, so ORT runs MatMulIntegerToFloat: no requantization before the
-    # bias, GELU and residual adds
-    common["extra_options"] = {"OpTypesToExcludeOutputQuantization": ["MatMul"]}
-    methods = {
-        "minmax": CalibrationMethod.MinMax,
-        "entropy": CalibrationMethod.Entropy,
-        "percentile": CalibrationMethod.Percentile,
-    }
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy}
+    methods["percentile"] = CalibrationMethod.Percentile
     with _quiet():
         quantize_static(
             src / ONNX_FILE,
@@ -219,6 +226,9 @@ def write_candidate(
             quant_format=QuantFormat.QDQ,
             activation_type=QuantType.QUInt8,
             calibrate_method=methods[method],
+            # linear outputs stay fp32, so ORT runs MatMulIntegerToFloat: no requantization
+            # before the bias, GELU and residual adds
+            extra_options={"OpTypesToExcludeOutputQuantization": list(QUANTIZED_OPS)},
             **common,
         )
 

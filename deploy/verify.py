@@ -34,12 +34,10 @@ import numpy as np
 
 from deploy.runners import model_label, open_model, outputs_to_fetch, runtime_name
 from mlpruning.core.contract import QUANTIZE_REPORT
-from mlpruning.core.tolerance import beyond_tolerance
+from mlpruning.core.tolerance import EVAL_BATCH, INT8_MAX_METRIC_DROP, INT8_MIN_AGREEMENT, beyond_tolerance
 from pipeline.task_kind import Outputs, stack_outputs
 
 # an INT8 folder (one with quantize.json) is held to these where the caller set nothing
-INT8_MIN_AGREEMENT = 0.99
-INT8_MAX_METRIC_DROP = 0.01
 
 
 @dataclass(frozen=True)
@@ -159,7 +157,9 @@ def _stage_parity(
     return compare(_flat(got), _flat(want), tol)
 
 
-def _metric_parity(session: Any, model: Any, encoded: Any, task: Any, tol: Tolerance) -> dict[str, Any]:
+def _metric_parity(
+    session: Any, model: Any, encoded: Any, task: Any, tol: Tolerance, int8: bool
+) -> dict[str, Any]:
     """The task metric of the final stage and of PyTorch on the whole dev set, and their agreement."""
     from pipeline.batching import collate
     from pipeline.evaluate import predict
@@ -167,11 +167,12 @@ def _metric_parity(session: Any, model: Any, encoded: Any, task: Any, tol: Toler
     kind, names = task.kind, task.kind.output_names(task)
     torch_out = predict(model, task, encoded)
     chunks = []
-    for i in range(0, len(encoded), 64):
-        idx = np.arange(i, min(i + 64, len(encoded)))
+    for i in range(0, len(encoded), EVAL_BATCH):
+        idx = np.arange(i, min(i + EVAL_BATCH, len(encoded)))
         chunks.append((idx, _batch_outputs(session, names, collate(encoded, idx))))
     onnx_out = stack_outputs(chunks, len(encoded))
-    agree = int(kind.agreeing(torch_out, onnx_out, tol.atol, tol.rtol).sum())
+    atol, rtol = kind.agreement_tolerance(np.asarray(encoded.labels), tol.atol, tol.rtol, int8)
+    agree = int(kind.agreeing(torch_out, onnx_out, atol, rtol).sum())
     metrics = {
         "pytorch": kind.metrics(task, torch_out, encoded.labels),
         "onnx": kind.metrics(task, onnx_out, encoded.labels),
@@ -188,6 +189,7 @@ def _metric_parity(session: Any, model: Any, encoded: Any, task: Any, tol: Toler
         "identical_predictions": agree,
         "agreement": agree / len(encoded),
         "agreement_rule": kind.agreement_rule,
+        "agreement_tolerance": {"atol": atol, "rtol": rtol},
         "min_agreement": tol.min_agreement,
         "main_metric": task.main_metric,
         "metric_drop": drop,
@@ -221,7 +223,7 @@ def verify(
         parity = _stage_parity(s, model, encoded, task, tol, seed)
         # INT8 logits are not fp32 logits: their error is reported, agreement and metric decide
         results.append({"stage": stage, "runtime": runtime_name(s), **parity, "gating": not quantized})
-    metric = _metric_parity(sessions[-1][1], model, encoded, task, tol)
+    metric = _metric_parity(sessions[-1][1], model, encoded, task, tol, int8[-1])
     return {
         "reference": str(reference),
         "tolerance": tol.__dict__,
@@ -231,6 +233,16 @@ def verify(
         "metric": metric,
         "passed": all(r["passed"] or not r["gating"] for r in results) and metric["passed"],
     }
+
+
+def _rule(metric: dict[str, Any]) -> str:
+    rule = metric.get("agreement_rule", "same class")
+    within = metric.get("agreement_tolerance")
+    return (
+        rule
+        if "tolerance" not in rule or not within
+        else f"{rule} (atol {within['atol']:.3g}, rtol {within['rtol']:.3g})"
+    )
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:
@@ -248,7 +260,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     lines.append(
         f"{'ok  ' if m['passed'] else 'FAIL'} {m['task']} dev ({m['examples']}): pytorch {m['pytorch']} "
         f"onnx {m['onnx']}; agreement {m['identical_predictions']}/{m['examples']} "
-        f"{m.get('agreement_rule', 'same class')} (needs >= {m['min_agreement']:.1%}), "
+        f"{_rule(m)} (needs >= {m['min_agreement']:.1%}), "
         f"{m['main_metric']} drop {m['metric_drop']:+.4f} ({bound}){failed}"
     )
     return lines

@@ -144,6 +144,13 @@ class TaskKind(ABC):
 
     agreement_rule: ClassVar[str] = "outputs within tolerance"
 
+    def agreement_tolerance(
+        self, labels: np.ndarray, atol: float, rtol: float, int8: bool
+    ) -> tuple[float, float]:
+        """The (atol, rtol) ``agreeing`` gets: verify's element tolerances, or, for an INT8 model,
+        the kind's own notion of the same answer (a kind with graded outputs overrides it)."""
+        return atol, rtol
+
     @abstractmethod
     def answer(self, row: Outputs, labels: list[str]) -> dict[str, Any]:
         """What serve answers for one example (``row``: its outputs, batch axis removed)."""

@@ -10,6 +10,7 @@ import typer
 
 from mlpruning.cli.common import DataDirOpt, TaskOpt, app
 from mlpruning.core.errors import UserError
+from mlpruning.core.tolerance import INT8_MAX_METRIC_DROP, INT8_MIN_AGREEMENT
 
 
 @app.command()
@@ -28,10 +29,10 @@ def quantize(
     ] = "minmax",
     max_metric_drop: Annotated[
         float, typer.Option(help="Largest dev-metric drop against the fp32 model (0.01: one point).")
-    ] = 0.01,
+    ] = INT8_MAX_METRIC_DROP,
     min_agreement: Annotated[
         float, typer.Option(help="Smallest share of dev predictions that must match the fp32 model's.")
-    ] = 0.99,
+    ] = INT8_MIN_AGREEMENT,
     threads: Annotated[int, typer.Option(min=1, help="ONNX Runtime threads for scoring and timing.")] = 1,
     seed: Annotated[int, typer.Option(help="Seed of the calibration sample.")] = 0,
     task: TaskOpt = None,
