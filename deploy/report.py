@@ -275,7 +275,10 @@ def _environment(summary: dict[str, Any]) -> list[Block]:
 
 def _missing(summary: dict[str, Any]) -> list[Block]:
     items = [f"{v}: {', '.join(e['missing'])}" for v, e in summary["variants"].items() if e["missing"]]
-    items += [f"{v}: no stage output (not part of this run)" for v in summary.get("absent_variants", [])]
+    failed = summary.get("failed_stages") or {}
+    items += [f"{stage} failed: {reason}" for stage, reason in failed.items()]
+    absent = [v for v in summary.get("absent_variants", []) if not any(s.endswith(f":{v}") for s in failed)]
+    items += [f"{v}: no stage output (not part of this run)" for v in absent]
     return [Heading(2, "Missing stages"), Bullets(items)] if items else []
 
 

@@ -278,6 +278,12 @@ def _versions(run: Path, environment: dict[str, Any] | None) -> tuple[dict[str, 
     return {**ordered, **{k: v for k, v in found.items() if k not in ordered}}, from_here
 
 
+def _failed_stages(run: Path) -> dict[str, str]:
+    """Stages the run recorded as failed (quantize found no INT8 copy within its bounds), with why."""
+    stages = (read_json(run / layout.RUN_STATE, "delete it to rerun every stage") or {}).get("stages") or {}
+    return {name: str(rec.get("reason")) for name, rec in stages.items() if rec.get("status") == "failed"}
+
+
 def build_summary(run: Path) -> dict[str, Any]:
     """Collect every stage's numbers of a run folder (see the module docstring)."""
     if not run.is_dir():
@@ -304,6 +310,7 @@ def build_summary(run: Path) -> dict[str, Any]:
         "baseline": layout.baseline(run).name,
         "variants": variants,
         "absent_variants": absent,
+        "failed_stages": _failed_stages(run),
         "environment": environment,
         "versions": versions,
         "versions_read_at_report_time": from_here,

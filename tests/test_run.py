@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from mlpruning.cli import app, main
 from mlpruning.cli.run_config import load_run_config
 from mlpruning.cli.run_stages import StageActions, build_stages
 from mlpruning.cli.runner import RunState, Stage, content_hash, decide
-from mlpruning.core.errors import UserError
+from mlpruning.core.errors import CheckFailed, UserError
 from tests.conftest import make_glue_dir, save_tiny
 
 CONFIG = """
@@ -158,9 +159,12 @@ def test_presets_are_valid(tmp_path, preset):
 
 def test_a_quantize_table_adds_an_int8_copy_of_every_variant(setup, tmp_path):
     """Reuses the finished tiny run's teacher and steps: only the INT8 stages run here."""
-    config, out = setup
-    if not (out / "run.json").is_file():
-        assert _run(config, out).exit_code == 0
+    config, finished = setup
+    if not (finished / "run.json").is_file():
+        assert _run(config, finished).exit_code == 0
+    out = tmp_path / "out"
+    shutil.copytree(finished, out)  # the shared run stays as the other tests expect it
+    assert _run(config, out).exit_code == 0  # the steps name their run folder's paths: rerun here
     quantized = tmp_path / "q.toml"
     table = "[quantize]\nmode = 'dynamic'\ncalibration_examples = 8\n"
     table += "max_metric_drop = 1.0\nmin_agreement = 0.0\n"  # a tiny random model: no accuracy to keep
@@ -182,6 +186,40 @@ def test_a_quantize_table_adds_an_int8_copy_of_every_variant(setup, tmp_path):
     assert summary["variants"]["dense-int8"]["remaining_ratio"] == 1.0
     assert all(summary["variants"][v]["size_bytes"] > 0 for v in names)
     assert "step2-int8" in (out / L.REPORT_MD).read_text()
+
+
+def test_a_quantize_stage_that_finds_no_int8_copy_leaves_the_rest_of_the_run_going(
+    setup, tmp_path, monkeypatch
+):
+    import deploy.quantize
+
+    config, finished = setup
+    if not (finished / "run.json").is_file():
+        assert _run(config, finished).exit_code == 0
+    out = tmp_path / "out"
+    shutil.copytree(finished, out)
+    quantized = tmp_path / "q.toml"
+    quantized.write_text(config.read_text() + "[quantize]\nmode = 'dynamic'\nmax_metric_drop = 1.0\n")
+    real, calls = deploy.quantize.quantize, []
+
+    def quantize(src, dst, *args):
+        calls.append(src.name)
+        if src.name == "step1":
+            raise CheckFailed("no INT8 copy of step1 keeps accuracy within 0.01")
+        return real(src, dst, *args)
+
+    monkeypatch.setattr(deploy.quantize, "quantize", quantize)
+    result = _run(quantized, out)
+    assert result.exit_code == 1 and "failed: quantize:step1-int8" in result.output
+    state = _state(out)
+    assert state["quantize:step1-int8"]["status"] == "failed"
+    assert state["verify:step1-int8"] == {"status": "blocked", "by": "quantize:step1-int8"}
+    assert state["bench:step2-int8"]["status"] == "done" and (out / L.REPORT_MD).is_file()
+    report = (out / L.REPORT_MD).read_text()
+    assert "quantize:step1-int8 failed: no INT8 copy of step1 keeps accuracy" in report
+    assert (
+        _run(quantized, out).exit_code == 1 and calls.count("step1") == 1
+    )  # same inputs: not measured again
 
 
 def test_the_config_makes_the_variant_list_and_run_json_records_it(tmp_path):

@@ -64,9 +64,12 @@ def run_pipeline(
         echo_err(f"interrupted: state saved in {run}; run the same command again to continue")
         raise typer.Exit(130) from None
     paths = write_report(run)
-    verified = {name: r for name, r in results.items() if name.startswith("verify:")}
+    verified = {
+        name: r for name, r in results.items() if name.startswith("verify:") and "blocked" not in (r or {})
+    }
     failed = [name for name, r in verified.items() if not (r or {}).get("passed")]
+    failed += [name for name, r in results.items() if "failed" in (r or {})]
     typer.echo(f"report: {paths['html']} and {paths['markdown']}")
     if failed:
-        echo_err(f"verify failed for {', '.join(failed)}: see {paths['markdown']}")
+        echo_err(f"failed: {', '.join(failed)}: see {paths['markdown']}")
         raise typer.Exit(1)

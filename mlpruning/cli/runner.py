@@ -15,7 +15,10 @@ from scratch, and everything downstream follows because their input hashes chang
 Restart. A training stage records ``started`` with its input hash before it runs; killed
 part-way, it leaves ``resume/state.pt``, and the next ``mlpruning run`` resumes it (same
 inputs) instead of starting over. Verify failures do not stop the run: the report shows
-them and the command exits 1 at the end.
+them and the command exits 1 at the end. Nor does a stage that ``may_fail`` (quantize: no INT8
+copy within the bounds is a finding about the model, not a broken run): its check failure is
+recorded in ``run.json`` as ``failed`` with the reason, the stages that read it are left out
+(``blocked``), and the rest of the run goes on.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from deploy import run_layout as L
 from mlpruning.cli.run_config import RunConfig
 from mlpruning.core.atomic import write_json
 from mlpruning.core.contract import DEFAULT_VARIANTS, Variant
+from mlpruning.core.errors import CheckFailed
 from mlpruning.core.jsonfile import read_json
 
 STATE_FORMAT = 1
@@ -47,6 +51,7 @@ class Stage:
     deps: tuple[str, ...]
     action: Callable[[bool], Any]  # called with resume=True/False; returns a small JSON result
     trains: bool = False
+    may_fail: bool = False  # a CheckFailed is recorded and the run goes on without its readers
 
 
 def content_hash(path: Path) -> str:
@@ -106,9 +111,11 @@ def _clear(path: Path) -> None:
 
 
 def decide(stage: Stage, ih: str, state: RunState) -> str:
-    """'skip', 'resume' or 'run' for a stage whose current input hash is ``ih``."""
+    """'skip', 'resume', 'failed' or 'run' for a stage whose current input hash is ``ih``."""
     rec = state.get(stage.name)
     if rec.get("input_hash") == ih:
+        if rec.get("status") == "failed" and stage.may_fail:
+            return "failed"  # same inputs, same finding: not measured again
         if rec.get("status") == "done" and stage.done.exists():
             if content_hash(stage.out) == rec.get("output_hash"):
                 return "skip"
@@ -120,31 +127,54 @@ def decide(stage: Stage, ih: str, state: RunState) -> str:
 def execute(
     stages: list[Stage], cfg: RunConfig, state: RunState, log: Callable[[str], None], rerun: set[str]
 ) -> dict[str, Any]:
-    """Run or skip each stage in order; returns {stage: result} of this invocation."""
+    """Run or skip each stage in order; returns {stage: result} of this invocation (a failed
+    stage's result: {"failed": reason}; a stage left out behind it: {"blocked": that stage})."""
     results: dict[str, Any] = {}
     for stage in stages:
-        ih = input_hash(stage, cfg, state)
-        action = "run" if stage.name in rerun else decide(stage, ih, state)
-        if action == "skip":
-            log(f"[{stage.name}] unchanged, skipped")
-            results[stage.name] = state.get(stage.name).get("result")
+        behind = [d for d in stage.deps if state.get(d).get("status") in ("failed", "blocked")]
+        if behind:
+            log(f"[{stage.name}] left out: {behind[0]} did not finish")
+            state.put(stage.name, status="blocked", by=behind[0])
+            results[stage.name] = {"blocked": behind[0]}
             continue
-        log(f"[{stage.name}] {'resuming' if action == 'resume' else 'running'}")
-        if action == "run":
-            _clear(stage.out)
-        state.put(stage.name, status="started", input_hash=ih)
-        start = time.perf_counter()
-        result = stage.action(action == "resume")
-        seconds = round(time.perf_counter() - start, 1)
-        state.put(
-            stage.name,
-            status="done",
-            input_hash=ih,
-            output_hash=content_hash(stage.out),
-            seconds=seconds,
-            finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
-            result=result,
-        )
-        log(f"[{stage.name}] done in {seconds:,.1f} s")
-        results[stage.name] = result
+        results[stage.name] = _run_stage(stage, cfg, state, log, stage.name in rerun)
     return results
+
+
+def _run_stage(
+    stage: Stage, cfg: RunConfig, state: RunState, log: Callable[[str], None], forced: bool
+) -> Any:
+    ih = input_hash(stage, cfg, state)
+    action = "run" if forced else decide(stage, ih, state)
+    if action == "skip":
+        log(f"[{stage.name}] unchanged, skipped")
+        return state.get(stage.name).get("result")
+    if action == "failed":
+        reason = state.get(stage.name).get("reason")
+        log(f"[{stage.name}] unchanged, FAILED before: {reason}")
+        return {"failed": reason}
+    log(f"[{stage.name}] {'resuming' if action == 'resume' else 'running'}")
+    if action == "run":
+        _clear(stage.out)
+    state.put(stage.name, status="started", input_hash=ih)
+    start = time.perf_counter()
+    try:
+        result = stage.action(action == "resume")
+    except CheckFailed as exc:
+        if not stage.may_fail:
+            raise
+        state.put(stage.name, status="failed", input_hash=ih, reason=str(exc))
+        log(f"[{stage.name}] FAILED: {exc}")
+        return {"failed": str(exc)}
+    seconds = round(time.perf_counter() - start, 1)
+    state.put(
+        stage.name,
+        status="done",
+        input_hash=ih,
+        output_hash=content_hash(stage.out),
+        seconds=seconds,
+        finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        result=result,
+    )
+    log(f"[{stage.name}] done in {seconds:,.1f} s")
+    return result
