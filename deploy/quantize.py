@@ -151,6 +151,8 @@ def choose(scorer: _Scorer) -> Scored:
             f">= {scorer.opts.min_agreement:.0%} agreement, even with every layer fp32: "
             "loosen max_metric_drop or keep this model fp32; nothing written"
         )
+    if scorer.opts.target == "tensorrt":  # CPU timing does not predict the GPU's
+        return max(passing, key=lambda s: (s.agreement, s.metric))
     return max(passing, key=lambda s: s.speedup)
 
 
@@ -190,6 +192,8 @@ def quantize(
         report = {
             "source": str(src),
             "task": task.name,
+            "target": opts.target,
+            "chosen_by": "agreement, then metric" if opts.target == "tensorrt" else "speedup on this CPU",
             "chosen": chosen.to_json(),
             "fp32_metric": scorer.fp32_metric,
             "main_metric": task.main_metric,

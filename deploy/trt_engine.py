@@ -16,6 +16,12 @@ Build (``build_engine``): the ONNX model is prepared first, then parsed and buil
 - ``fp16``: TensorRT 10 takes ``BuilderFlag.FP16`` (weak typing: FP16 kernels where faster).
   TensorRT 11 removed that flag (strong typing only), so there the graph itself is converted by
   ModelOpt AutoCast (fp16 compute, fp32 I/O) when nvidia-modelopt is installed, else an error.
+- ``int8``: the model must be explicitly quantized, QuantizeLinear/DequantizeLinear pairs with
+  signed int8 and zero points 0 (``mlpruning quantize --target tensorrt``); TensorRT then runs
+  int8 where the pairs say (TensorRT 10: ``BuilderFlag.INT8`` set too; 11 reads the pairs
+  alone). Dynamic-quantization ops (DynamicQuantizeLinear, MatMulInteger) are refused before
+  tensorrt is imported: TensorRT cannot parse them, and ONNX Runtime's CUDA provider runs them
+  slowly.
 - ``sparsity`` sets ``SPARSE_WEIGHTS``: TensorRT then uses 2:4 sparse kernels for the weights
   that already are 2:4 (at most 2 non-zeros in every 4 along the reduction axis). Block and row
   pruning does not make weights 2:4 by itself; the report counts how many qualify.
@@ -142,7 +148,7 @@ def two_four_eligible(proto: Any) -> tuple[int, int]:
     return eligible, total
 
 
-def prepare_onnx(path: Path, plugin: bool) -> tuple[Any, dict[str, Any]]:
+def prepare_onnx(path: Path, plugin: bool, int8: bool = False) -> tuple[Any, dict[str, Any]]:
     """The model TensorRT parses: functions inlined (default) or BlockSparseLinear as plugin calls."""
     import onnx
 
@@ -153,6 +159,7 @@ def prepare_onnx(path: Path, plugin: bool) -> tuple[Any, dict[str, Any]]:
         prep = {"block_sparse": "plugin", "plugin_nodes": nodes, "functions": functions}
     else:
         proto, prep = inline_functions(proto), {"block_sparse": "inlined", "functions": functions}
+    check_int8(proto, path, int8)
     check_standard_ops(proto, path)
     return proto, prep
 
@@ -171,6 +178,37 @@ def check_standard_ops(proto: Any, path: Path) -> None:
         )
 
 
+DYNAMIC_INT8_OPS = {"DynamicQuantizeLinear", "MatMulInteger", "MatMulIntegerToFloat", "QLinearMatMul"}
+QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
+
+
+def check_int8(proto: Any, path: Path, int8: bool) -> None:
+    """One-line errors for what TensorRT's explicit quantization cannot take (module doc)."""
+    from onnx import numpy_helper
+
+    ops = {n.op_type for n in proto.graph.node}
+    fix = f"mlpruning quantize {path.parent} --target tensorrt from its fp32 folder"
+    if ops & DYNAMIC_INT8_OPS:
+        found = ", ".join(sorted(ops & DYNAMIC_INT8_OPS))
+        raise UserError(f"{path} is dynamically quantized ({found}), which TensorRT cannot build: {fix}")
+    if not int8:
+        if ops & QDQ_OPS:
+            raise UserError(f"{path} is INT8 (QuantizeLinear/DequantizeLinear): pass --int8")
+        return
+    if "QuantizeLinear" not in ops:
+        raise UserError(f"--int8 needs an explicitly quantized model (QDQ), {path} has none: {fix}")
+    init = {t.name: t for t in proto.graph.initializer}
+    points = [
+        init[n.input[2]]
+        for n in proto.graph.node
+        if n.op_type in QDQ_OPS and len(n.input) > 2 and n.input[2] in init
+    ]
+    arrays = [numpy_helper.to_array(z) for z in points]
+    if any(z.dtype != np.int8 or z.any() for z in arrays):
+        found = "uint8, int32 or non-zero zero points"
+        raise UserError(f"{path} has {found}; TensorRT takes symmetric int8: {fix}")
+
+
 @dataclass(frozen=True)
 class BuildOptions:
     fp16: bool = False
@@ -179,6 +217,7 @@ class BuildOptions:
     workspace_mib: int = 4096
     profile: Profile = Profile()
     tf32: bool = False  # TensorRT's default is on: 10-bit-mantissa matmuls miss fp32 parity
+    int8: bool = False
 
 
 def _fp16(trt: Any, config: Any, onnx_path: Path) -> Path:
@@ -222,6 +261,8 @@ def _serialize(trt: Any, onnx_path: Path, shapes: dict, opts: BuildOptions) -> A
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, opts.workspace_mib << 20)
     if opts.sparsity:
         config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
+    if opts.int8 and hasattr(trt.BuilderFlag, "INT8"):  # TensorRT 10; 11 reads the Q/DQ pairs alone
+        config.set_flag(trt.BuilderFlag.INT8)
     if not opts.tf32 and hasattr(trt.BuilderFlag, "TF32"):
         config.clear_flag(trt.BuilderFlag.TF32)
     plan = builder.build_serialized_network(network, config)
@@ -243,9 +284,9 @@ def _write_plan(path: Path, plan: Any) -> None:
 def build_engine(source: Path, out: Path, opts: BuildOptions) -> dict[str, Any]:
     """Build ``out/model.plan`` from ``source/model.onnx``; writes and returns the build report."""
     src = model_path(source)
-    trt = import_tensorrt()
     start = time.perf_counter()
-    proto, prep = prepare_onnx(src, opts.plugin)
+    proto, prep = prepare_onnx(src, opts.plugin, opts.int8)  # refuses bad input before tensorrt
+    trt = import_tensorrt()
     inputs, outputs = signature(proto)
     try:
         shapes = profile_shapes(inputs, opts.profile)
@@ -269,6 +310,7 @@ def build_engine(source: Path, out: Path, opts: BuildOptions) -> dict[str, Any]:
         "tensorrt": trt.__version__,
         "mlpruning": __version__,
         "fp16": opts.fp16,
+        "int8": opts.int8,
         "sparsity": opts.sparsity,
         "tf32": opts.tf32,
         "two_four_weights": {"eligible": eligible, "total": weights},

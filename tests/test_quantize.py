@@ -222,3 +222,54 @@ def test_a_regression_int8_copy_agrees_within_a_share_of_the_score_range(tmp_pat
     assert "score within tolerance (atol" in summary_lines(checked)[-1]
     fp32 = verify([tmp_path / "export"], tmp_path / "t", None, glue, Tolerance())["metric"]
     assert fp32["agreement_tolerance"] == {"atol": 1e-4, "rtol": 1e-3}  # fp32 keeps verify's own
+
+
+def test_tensorrt_target_is_symmetric_int8_qdq_and_build_takes_only_that(
+    int8, stripped, masked, tmp_path, monkeypatch
+):
+    """TensorRT's explicit quantization: QDQ with int8 zero points 0. Dynamic INT8, uint8 QDQ and
+    a QDQ model without --int8 are refused before tensorrt is imported (no GPU needed to say so)."""
+    from deploy.trt_engine import BuildOptions, build_engine
+    from tests.test_trt_engine import FakeTrt
+
+    trt_dir = tmp_path / "trt"
+    opts = QuantizeOptions(target="tensorrt", calibration_examples=16, max_metric_drop=1.0)
+    report = quantize(stripped / "opt", trt_dir, opts, masked / "glue")
+    assert (
+        report["target"] == "tensorrt"
+        and report["chosen"]["symmetric"]
+        and report["chosen"]["mode"] == "static"
+    )
+    model = onnx.load(trt_dir / "model.onnx")
+    init = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    points = [init[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert points and all(z.dtype == np.int8 and not z.any() for z in points)
+    checked = verify([stripped / "onnx", trt_dir], masked / "masked", None, masked / "glue", Tolerance())
+    assert checked["passed"], summary_lines(checked)
+
+    fake = FakeTrt()
+    monkeypatch.setattr("deploy.trt_engine.import_tensorrt", lambda: fake)
+    built = build_engine(trt_dir, tmp_path / "engine", BuildOptions(int8=True))
+    assert "INT8" in fake.flags and built["int8"]
+    refused = {
+        (int8["dynamic"], "--int8"): "is dynamically quantized (DynamicQuantizeLinear, MatMulInteger)",
+        (int8["static"], "--int8"): "uint8, int32 or non-zero zero points; TensorRT takes symmetric int8",
+        (trt_dir, "--fp16"): "is INT8 (QuantizeLinear/DequantizeLinear): pass --int8",
+        (stripped / "opt", "--int8"): "--int8 needs an explicitly quantized model (QDQ)",
+    }
+    for (folder, flag), message in refused.items():
+        assert_one_line_error(run_cli("build", str(folder), "--out", str(tmp_path / "x"), flag), message)
+    assert not (tmp_path / "x").exists()
+    proc = run_cli(
+        "quantize",
+        str(stripped / "opt"),
+        "--out",
+        str(tmp_path / "y"),
+        "--target",
+        "tensorrt",
+        "--mode",
+        "dynamic",
+    )
+    assert_one_line_error(
+        proc, "--target tensorrt takes static QDQ only (no dynamic ops): use --mode auto or static"
+    )

@@ -100,7 +100,7 @@ class FakeTrt:
     """The slice of the tensorrt module a build calls; records what the builder was asked for."""
 
     __version__ = "10.99-fake"
-    BuilderFlag = SimpleNamespace(FP16="FP16", TF32="TF32", SPARSE_WEIGHTS="SPARSE_WEIGHTS")
+    BuilderFlag = SimpleNamespace(FP16="FP16", TF32="TF32", SPARSE_WEIGHTS="SPARSE_WEIGHTS", INT8="INT8")
     MemoryPoolType = SimpleNamespace(WORKSPACE="WORKSPACE")
 
     class Logger:  # trt.Logger(trt.Logger.WARNING)

@@ -91,6 +91,10 @@ def build(
     ] = None,
     variant: VariantOpt = None,
     fp16: Annotated[bool, typer.Option("--fp16", help="Allow FP16 kernels.")] = False,
+    int8: Annotated[
+        bool,
+        typer.Option("--int8", help="Build an INT8 engine from a QDQ model (quantize --target tensorrt)."),
+    ] = False,
     sparsity: Annotated[
         bool, typer.Option("--sparsity", help="Use 2:4 sparse kernels for weights that are 2:4.")
     ] = False,
@@ -121,7 +125,7 @@ def build(
         )
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    opts = BuildOptions(fp16, sparsity, plugin, workspace, profile, tf32)
+    opts = BuildOptions(fp16, sparsity, plugin, workspace, profile, tf32, int8)
     report = build_engine(folder, out or folder, opts)
     typer.echo(json.dumps(report, indent=2))
     typer.echo(f"PASSED: {report['plan']} in {report['build_s']} s")

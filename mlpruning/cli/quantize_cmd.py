@@ -33,6 +33,12 @@ def quantize(
     min_agreement: Annotated[
         float, typer.Option(help="Smallest share of dev predictions that must match the fp32 model's.")
     ] = INT8_MIN_AGREEMENT,
+    target: Annotated[
+        str,
+        typer.Option(
+            help="cpu (ONNX Runtime, fastest passing here) or tensorrt (symmetric int8 QDQ for build --int8)."
+        ),
+    ] = "cpu",
     threads: Annotated[int, typer.Option(min=1, help="ONNX Runtime threads for scoring and timing.")] = 1,
     seed: Annotated[int, typer.Option(help="Seed of the calibration sample.")] = 0,
     task: TaskOpt = None,
@@ -56,10 +62,19 @@ def quantize(
             seed=seed,
             threads=threads,
             task=task,
+            target=target,
         )
     except ValueError as exc:  # the message names the field: name the flag instead
         message = str(exc)
-        for field in ("calibration_examples", "calibrate_method", "max_metric_drop", "min_agreement", "mode"):
+        fields = (
+            "calibration_examples",
+            "calibrate_method",
+            "max_metric_drop",
+            "min_agreement",
+            "mode",
+            "target",
+        )
+        for field in fields:
             message = message.replace(field, "--" + field.replace("_", "-"))
         raise UserError(message) from None
     report = run_quantize(model_dir, out, options, data_dir)
