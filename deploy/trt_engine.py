@@ -204,7 +204,9 @@ def check_int8(proto: Any, path: Path, int8: bool) -> None:
         if n.op_type in QDQ_OPS and len(n.input) > 2 and n.input[2] in init
     ]
     arrays = [numpy_helper.to_array(z) for z in points]
-    if any(z.dtype != np.int8 or z.any() for z in arrays):
+    # a QuantizeLinear without a zero point quantizes to uint8 (ONNX's default)
+    unsigned = any(n.op_type == "QuantizeLinear" and len(n.input) < 3 for n in proto.graph.node)
+    if unsigned or any(z.dtype != np.int8 or z.any() for z in arrays):
         found = "uint8, int32 or non-zero zero points"
         raise UserError(f"{path} has {found}; TensorRT takes symmetric int8: {fix}")
 
