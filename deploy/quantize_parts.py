@@ -43,7 +43,7 @@ from pipeline.tasks import Examples, TaskSpec, get_task
 MODES = ("auto", "dynamic", "static")
 SEARCHES = ("quick", "full")
 TARGETS = ("cpu", "tensorrt")
-CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+CALIBRATION_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}  # ORT's names
 QUANT_OPS = {"QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "QLinearMatMul"}
 QUANTIZED_OPS = ("MatMul", "Gemm")  # the linears; LayerNorm, softmax and GELU stay fp32
 CARRIED = (CONFIG_FILE, MANIFEST_FILE, EXPORT_REPORT, OPTIMIZE_REPORT, *TOKENIZER_FILES)
@@ -230,8 +230,6 @@ def write_candidate(
     if calibration is None:
         raise ValueError("a static candidate needs calibration data")
     common["nodes_to_exclude"] += groups.get("activation_products", [])
-    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy}
-    methods["percentile"] = CalibrationMethod.Percentile
     with _quiet():
         quantize_static(
             src / ONNX_FILE,
@@ -239,7 +237,7 @@ def write_candidate(
             calibration(),
             quant_format=QuantFormat.QDQ,
             activation_type=QuantType.QInt8 if candidate.symmetric else QuantType.QUInt8,
-            calibrate_method=methods[method],
+            calibrate_method=CalibrationMethod[CALIBRATION_METHODS[method]],
             # linear outputs stay fp32, so ORT runs MatMulIntegerToFloat: no requantization
             # before the bias, GELU and residual adds
             extra_options={

@@ -144,6 +144,23 @@ def _run_exporter(
         program.save(str(path), external_data=False)
 
 
+def _parity(model: torch.nn.Module, task: TaskSpec, path: Path, probe: dict[str, np.ndarray]) -> float:
+    """The written file run once in ONNX Runtime against PyTorch: the largest output difference;
+    beyond ``PARITY_ATOL`` nothing is written."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(task.kind.output_names(task), probe)
+    with torch.no_grad():
+        want = task.kind.tensors(model(**{k: torch.from_numpy(v) for k, v in probe.items()}), task)
+    diff = max(float(np.abs(g - w.numpy()).max()) for g, w in zip(got, want.values(), strict=True))
+    if diff > PARITY_ATOL:
+        raise ExportMismatch(
+            f"exported graph differs from PyTorch by {diff:.2e} (> {PARITY_ATOL}): not written"
+        )
+    return diff
+
+
 def export_onnx(ckpt: Path, out: Path, opset: int = 17, exporter: str = "torchscript") -> dict[str, Any]:
     """Export ``ckpt`` into ``out`` (see the module docstring); returns the export report."""
     import onnxruntime as ort
@@ -166,17 +183,8 @@ def export_onnx(ckpt: Path, out: Path, opset: int = 17, exporter: str = "torchsc
     )
     with staging_dir(out) as tmp, quiet_transformers():
         _run_exporter(model, task, tmp / ONNX_FILE, {n: trace[n] for n in names}, opset, exporter)
-        probe = _probe_batch(tokenizer, names)
-        session = ort.InferenceSession(str(tmp / ONNX_FILE), providers=["CPUExecutionProvider"])
+        diff = _parity(model, task, tmp / ONNX_FILE, _probe_batch(tokenizer, names))
         out_names = task.kind.output_names(task)
-        got = session.run(out_names, probe)
-        with torch.no_grad():
-            want = task.kind.tensors(model(**{k: torch.from_numpy(v) for k, v in probe.items()}), task)
-        diff = max(float(np.abs(g - w.numpy()).max()) for g, w in zip(got, want.values(), strict=True))
-        if diff > PARITY_ATOL:
-            raise ExportMismatch(
-                f"exported graph differs from PyTorch by {diff:.2e} (> {PARITY_ATOL}): not written"
-            )
         report = {
             "format_version": 1,
             "exporter": exporter,
