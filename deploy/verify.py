@@ -37,8 +37,6 @@ from mlpruning.core.contract import QUANTIZE_REPORT
 from mlpruning.core.tolerance import EVAL_BATCH, INT8_MAX_METRIC_DROP, INT8_MIN_AGREEMENT, beyond_tolerance
 from pipeline.task_kind import Outputs, stack_outputs
 
-# an INT8 folder (one with quantize.json) is held to these where the caller set nothing
-
 
 @dataclass(frozen=True)
 class Tolerance:
