@@ -41,6 +41,14 @@ def test_each_mode_is_measured_recorded_and_passes_verify(int8, stripped, masked
     assert ("MatMulInteger" in ops) if mode == "dynamic" else ("QuantizeLinear" in ops)
     assert report["cpu"]["flags"] is not None and "vnni" in report["cpu"]
     assert report["size_bytes"]["int8"] < report["size_bytes"]["fp32"]
+    inits = onnx.load(int8[mode] / "model.onnx").graph.initializer  # the table, not its scale
+    word = [i.data_type for i in inits if "word_embeddings" in i.name and len(i.dims) == 2]
+    if mode == "dynamic":  # measured last, with the chosen settings, and kept (bounds are loose here)
+        assert report["chosen"]["int8_embeddings"] and report["candidates"][-1]["int8_embeddings"]
+        assert onnx.TensorProto.FLOAT not in word and word  # the table is stored in 8 bits
+    else:  # a QDQ Gather would quantize the embedding output too: static leaves the tables fp32
+        assert not any(c["int8_embeddings"] for c in report["candidates"])
+        assert word == [onnx.TensorProto.FLOAT]
 
     checked = verify([stripped / "onnx", int8[mode]], masked / "masked", None, masked / "glue", Tolerance())
     assert checked["int8"] and checked["tolerance"]["min_agreement"] == 0.99
@@ -183,6 +191,24 @@ def test_accuracy_control_stops_at_one_layer_when_one_suffices_and_fails_when_no
     ]
     with pytest.raises(CheckFailed, match="even with every layer fp32"):
         choose(FakeScorer(lambda c: (0.5, 0.5, 2.0)))
+
+
+def test_int8_embedding_tables_are_kept_only_when_the_bounds_still_hold():
+    from deploy.quantize import choose
+
+    def outcome(drop: float):
+        return lambda c: (0.9, 0.995 - (drop if c.int8_embeddings else 0.0), 2.0 if c.per_channel else 1.5)
+
+    for drop, kept in ((0.001, True), (0.01, False)):
+        scorer = FakeScorer(outcome(drop))
+        scorer.groups["embeddings"] = ["/embeddings/word_embeddings/Gather"]
+        chosen = choose(scorer)
+        assert chosen.candidate.per_channel and chosen.candidate.int8_embeddings is kept
+        assert scorer.tried[-1].candidate.int8_embeddings  # measured once, on the chosen settings
+        assert sum(s.candidate.int8_embeddings for s in scorer.tried) == 1
+    static = FakeScorer(outcome(0.0), QuantizeOptions(mode="static"))
+    static.groups["embeddings"] = ["/embeddings/word_embeddings/Gather"]
+    assert not choose(static).candidate.int8_embeddings  # static keeps the tables fp32
 
 
 def test_a_regression_int8_copy_agrees_within_a_share_of_the_score_range(tmp_path):
