@@ -36,6 +36,7 @@ from pipeline.config import BlockPruneConfig, FinetuneConfig, PruneConfig, from_
 from pipeline.export import EXPORTERS
 
 PRUNING_TABLES = ("step1", "step2")  # each makes the variant of its name
+RUN_PATHS = ("teacher", "source")  # a pruning step's folders inside the run (hashed by name)
 TABLES = ("run", "finetune", *PRUNING_TABLES, "export", "optimize", "quantize", "verify", "bench")
 
 
@@ -90,8 +91,11 @@ class RunConfig:
         """The fp32 variant an INT8 copy was made from."""
         return next(v for v in self.variants if v.name == variant.int8_of)
 
-    def stage_inputs(self, stage: str) -> dict[str, Any]:
-        """The config part a stage depends on (``export:step1`` -> the export table)."""
+    def stage_inputs(self, stage: str, legacy: bool = False) -> dict[str, Any]:
+        """The config part a stage depends on (``export:step1`` -> the export table). A pruning
+        step's teacher or source folder counts by its name in the run: its content is hashed
+        as the stage's dependency, so a run folder moved or copied elsewhere is not retrained.
+        ``legacy``: those paths in full, as runs written before this rule hashed them."""
         table, _, variant = stage.partition(":")
         if table == "teacher":
             return {"teacher": self.teacher} if self.teacher else {"finetune": _plain(self.finetune)}
@@ -99,7 +103,10 @@ class RunConfig:
             # the resolved bounds: a config spelling out the precision's defaults hashes the same
             int8 = any(v.name == variant and v.int8_of for v in self.variants)
             return {table: _plain(self.verify_for(variant).resolved(int8))}
-        return {table: _plain(getattr(self, table))}
+        values = _plain(getattr(self, table))
+        if table in PRUNING_TABLES and not legacy:
+            values = {**values, **{k: Path(values[k]).name for k in RUN_PATHS if values.get(k)}}
+        return {table: values}
 
 
 def _plain(obj: Any) -> Any:

@@ -10,7 +10,10 @@ hashes of the stages it reads. Its output hash is SHA-256 over the file names an
 of what it wrote (a training's ``resume/`` state left out). ``run.json`` keeps both per
 stage. A stage is skipped when its completion file exists, its recorded input hash equals
 the current one and its output still hashes to the recorded value; otherwise it is rerun
-from scratch, and everything downstream follows because their input hashes change.
+from scratch, and everything downstream follows because their input hashes change. Folders of
+the run itself (a pruning step's teacher or source) count by name, their content being a
+dependency, so a run folder moved or copied elsewhere skips what it finished; records written
+before that rule (full paths in the hash) still match where the run has not moved.
 
 Restart. A training stage records ``started`` with its input hash before it runs; killed
 part-way, it leaves ``resume/state.pt``, and the next ``mlpruning run`` resumes it (same
@@ -95,9 +98,9 @@ class RunState:
         write_json(self.path, self.data)
 
 
-def input_hash(stage: Stage, cfg: RunConfig, state: RunState) -> str:
+def input_hash(stage: Stage, cfg: RunConfig, state: RunState, legacy: bool = False) -> str:
     deps = {d: state.get(d).get("output_hash") for d in stage.deps}
-    inputs = {"stage": stage.name, "config": cfg.stage_inputs(stage.name), "deps": deps}
+    inputs = {"stage": stage.name, "config": cfg.stage_inputs(stage.name, legacy), "deps": deps}
     blob = json.dumps(inputs, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -110,10 +113,11 @@ def _clear(path: Path) -> None:
         shutil.rmtree(path)
 
 
-def decide(stage: Stage, ih: str, state: RunState) -> str:
-    """'skip', 'resume', 'failed' or 'run' for a stage whose current input hash is ``ih``."""
+def decide(stage: Stage, ih: str, state: RunState, legacy: str | None = None) -> str:
+    """'skip', 'resume', 'failed' or 'run' for a stage whose current input hash is ``ih`` (or
+    ``legacy``, the same inputs as a run written before the current hashing rule saw them)."""
     rec = state.get(stage.name)
-    if rec.get("input_hash") == ih:
+    if rec.get("input_hash") in (ih, legacy or ih):
         if rec.get("status") == "failed" and stage.may_fail:
             return "failed"  # same inputs, same finding: not measured again
         if rec.get("status") == "done" and stage.done.exists():
@@ -145,7 +149,7 @@ def _run_stage(
     stage: Stage, cfg: RunConfig, state: RunState, log: Callable[[str], None], forced: bool
 ) -> Any:
     ih = input_hash(stage, cfg, state)
-    action = "run" if forced else decide(stage, ih, state)
+    action = "run" if forced else decide(stage, ih, state, input_hash(stage, cfg, state, legacy=True))
     if action == "skip":
         log(f"[{stage.name}] unchanged, skipped")
         return state.get(stage.name).get("result")
