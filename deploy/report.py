@@ -5,7 +5,8 @@ rendered twice: Markdown (tables only; the pictures live in the HTML) and HTML w
 and every picture a base64 PNG data URI, so the single file can be mailed, attached to a CI run
 or opened offline; it references no URL. Sections: overview per variant, accuracy vs latency
 with the Pareto front, per-layer structure of each pruned variant, parity per stage, the
-latency grid with speedups vs dense, versions and hardware, and the stages that are missing.
+latency grid with speedups vs dense, how each INT8 copy was made (and the CPU's INT8
+features), versions and hardware, and the stages that are missing.
 """
 
 from __future__ import annotations
@@ -257,6 +258,35 @@ def _latency(summary: dict[str, Any], with_plots: bool) -> list[Block]:
     return blocks
 
 
+def _int8(summary: dict[str, Any]) -> list[Block]:
+    made = {v: e["quantization"] for v, e in summary["variants"].items() if e.get("quantization")}
+    if not made:
+        return []
+    headers = ["variant", "mode", "weights", "kept fp32", "embedding tables", "candidates measured"]
+    rows = [
+        [
+            variant,
+            q["mode"] + (" symmetric int8 (TensorRT)" if q.get("symmetric") else ""),
+            "per channel" if q["per_channel"] else "per tensor",
+            ", ".join(q["keep_fp32"] or []) or "nothing",
+            "int8" if q.get("int8_embeddings") else "fp32",
+            str(q["candidates"]),
+        ]
+        for variant, q in made.items()
+    ]
+    cpu = next((q["cpu"] for q in made.values() if q.get("cpu")), None) or {}
+    vnni = {True: "yes", False: "no"}.get(cpu.get("vnni"), "unknown")
+    return [
+        Heading(2, "INT8 copies"),
+        Table(headers, rows, align_numbers=False),
+        Para(
+            f"Chosen by measurement on {cpu.get('cpu', 'this CPU')}: INT8 flags "
+            f"{', '.join(cpu.get('flags') or []) or 'none found'}; VNNI {vnni}. Details: "
+            "quant/<variant>/quantize.json."
+        ),
+    ]
+
+
 def _environment(summary: dict[str, Any]) -> list[Block]:
     env = summary.get("environment") or {}
     versions = summary.get("versions", {})
@@ -298,6 +328,7 @@ def build_blocks(summary: dict[str, Any], with_plots: bool = True) -> list[Block
         *_structure(summary, with_plots),
         *_parity(summary),
         *_latency(summary, with_plots),
+        *_int8(summary),
         *_environment(summary),
         *_missing(summary),
     ]

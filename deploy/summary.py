@@ -10,6 +10,8 @@ failing the whole summary, so a half-finished run still gets a report:
   ``pruning.json``) and the versions the training recorded;
 - ``onnx/<v>`` and ``opt/<v>``: whether the model exists, parameters before and after the
   passes (``optimize.json``);
+- ``quant/<v>/quantize.json`` (INT8 copies): the chosen settings, what stayed fp32, how many
+  candidates were measured, and the CPU's INT8 features (VNNI or not) they were measured on;
 - ``verify/<v>.json``: parity per stage (export, optimize) and the ONNX dev metric;
 - ``bench/<v>.json``: p50/p90/p99 per batch x sequence point and the speedup vs dense, the
   median of interleaved per-round ratios (what the gate compares: ratios stay stable on a
@@ -31,7 +33,7 @@ from typing import Any
 from deploy import run_layout as layout
 from mlpruning import __version__
 from mlpruning.core.atomic import write_json
-from mlpruning.core.contract import DEFAULT_VARIANTS, Variant
+from mlpruning.core.contract import DEFAULT_VARIANTS, QUANTIZE_REPORT, Variant
 from mlpruning.core.errors import UserError
 from mlpruning.core.jsonfile import read_json
 
@@ -193,6 +195,23 @@ def _stages(
     return stages
 
 
+QUANTIZATION_KEYS = ("mode", "per_channel", "reduce_range", "symmetric", "int8_embeddings", "keep_fp32")
+
+
+def _quantization(run: Path, variant: Variant) -> dict[str, Any] | None:
+    """How an INT8 copy was made, from its ``quantize.json`` (None for an fp32 variant)."""
+    report = read_json(layout.quant_dir(run, variant) / QUANTIZE_REPORT) if variant.int8_of else None
+    if not report:
+        return None
+    chosen = report.get("chosen") or {}
+    return {
+        **{k: chosen.get(k) for k in QUANTIZATION_KEYS},
+        "target": report.get("target"),
+        "candidates": len(report.get("candidates") or []),
+        "cpu": report.get("cpu"),
+    }
+
+
 def _metric(
     task: str | None, ckpt_eval: dict[str, Any] | None, verify: dict[str, Any] | None
 ) -> dict[str, Any]:
@@ -225,6 +244,7 @@ def _variant(run: Path, variant: Variant, task: str | None) -> dict[str, Any] | 
         "params": _params(run, variant),
         "size_bytes": _size(run, variant),
         "int8_of": variant.int8_of,
+        "quantization": _quantization(run, variant),
         "structure": None if dense else ckpt["structure"],
         "parity": _parity(verify),
         "latency": latency,

@@ -209,7 +209,11 @@ def test_a_quantize_table_adds_an_int8_copy_of_every_variant(setup, tmp_path):
     assert summary["variants"]["step1-int8"]["int8_of"] == "step1"
     assert summary["variants"]["dense-int8"]["remaining_ratio"] == 1.0
     assert all(summary["variants"][v]["size_bytes"] > 0 for v in names)
-    assert "step2-int8" in (out / L.REPORT_MD).read_text()
+    made = summary["variants"]["step2-int8"]["quantization"]
+    assert made["mode"] == "dynamic" and made["candidates"] >= 2 and "vnni" in made["cpu"]
+    assert summary["variants"]["step2"]["quantization"] is None
+    report = (out / L.REPORT_MD).read_text()
+    assert "step2-int8" in report and "## INT8 copies" in report and "VNNI" in report
 
 
 def test_a_quantize_stage_that_finds_no_int8_copy_leaves_the_rest_of_the_run_going(
