@@ -146,12 +146,12 @@ def test_floor_lifts_r_back_to_the_target_keeping_the_threshold_order(shape):
     _random_thresholds(scores, torch.Generator().manual_seed(7))
     thresholds = list(scores.thresholds.parameters())
     before = torch.stack([t.detach().clone() for t in thresholds])
-    r0 = float(remaining_ratio(scores))
+    r0 = float(remaining_ratio(scores).detach())
     assert floor_ratio(thresholds, lambda: remaining_ratio(scores), min(r0 - 0.1, 0.05)) == 0.0  # above
     target = min(r0 + 0.2, 0.95)
     shift = floor_ratio(thresholds, lambda: remaining_ratio(scores), target)
     after = torch.stack([t.detach() for t in thresholds])
     assert shift > 0 and torch.allclose(after - before, torch.full_like(before, shift))
-    r1 = float(remaining_ratio(scores))
+    r1 = float(remaining_ratio(scores).detach())
     unit = 4 * shape[2] * (shape[2] // shape[1]) / (shape[0] * layer_weights(scores.geo))  # one head
     assert abs(r1 - target) <= unit / 2 + 1e-9
