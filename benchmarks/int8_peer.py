@@ -29,7 +29,7 @@ from deploy import run_layout as L
 from deploy.bench import BenchConfig, bench
 from deploy.cpu_features import cpu_features
 from deploy.onnx_eval import encode, open_for_eval, run_split
-from deploy.quantize_parts import CARRIED
+from deploy.quantize_parts import copy_carried
 from mlpruning.core.atomic import write_json
 from mlpruning.core.contract import ONNX_FILE
 from mlpruning.core.jsonfile import recorded_task
@@ -43,9 +43,7 @@ def one_liner(src: Path, out: Path, options: dict[str, Any]) -> Path:
     from onnxruntime.quantization import quantize_dynamic
 
     out.mkdir(parents=True)
-    for name in CARRIED:
-        if (src / name).is_file():
-            shutil.copy(src / name, out / name)
+    copy_carried(src, out)
     quantize_dynamic(src / ONNX_FILE, out / ONNX_FILE, **options)
     return out
 
@@ -99,13 +97,12 @@ def measure(run: Path, names: list[str], threads: int, batches: tuple[int, ...])
             print(json.dumps(rows[-1]), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    cpu = cpu_features()
     return {
         "run": str(run),
         "task": task.name,
         "main_metric": task.main_metric,
         "threads": threads,
-        "cpu": cpu,
+        "cpu": cpu_features(),
         "rows": rows,
     }
 

@@ -20,10 +20,10 @@ fastest candidate whose dev metric is at most ``max_metric_drop`` below the fp32
 whose predictions agree with the fp32 model's on at least ``min_agreement`` of the examples is
 kept. When none is, accuracy control keeps the most accurate candidate's settings and leaves
 whole groups of MatMuls in fp32: the task head first, then encoder layers, most sensitive
-first (each measured alone), until the bounds hold. Last, a dynamic choice is
-measured once more with its embedding tables in int8 (a third of the file's size on MiniLM, no
-change in speed) and taken if it still meets the bounds. The report names what stayed fp32
-and what each step measured. BlockSparseLinear nodes are not MatMuls: they stay fp32 (their
+first (each measured alone), until the bounds hold. Last, a dynamic choice is measured once
+more with its embedding tables in int8 (a third of the file's size on MiniLM, no change in
+speed) and taken if it still meets the bounds. The report names what stayed fp32 and what each
+step measured. BlockSparseLinear nodes are not MatMuls: they stay fp32 (their
 skipped blocks already save the time int8 would), and the report counts them.
 """
 

@@ -9,8 +9,8 @@ and token-type embeddings), which a dynamic candidate with ``int8_embeddings`` s
 and dequantizes after the lookup: no time saved, but MiniLM's 30,522 x 384 word table is 47 MB
 of its 91 MB file in fp32 (static mode keeps them fp32: a QDQ Gather would also quantize its
 output, the activation every layer adds to); ``activation_products`` for attention's
-activation x activation MatMuls (Q K^T, P V), which stay fp32 in both modes (the QDQ quantizer does not honour
-``MatMulConstBOnly``, so static mode names them in ``nodes_to_exclude``).
+activation x activation MatMuls (Q K^T, P V), which stay fp32 in both modes (the QDQ quantizer
+does not honour ``MatMulConstBOnly``, so static mode names them in ``nodes_to_exclude``).
 """
 
 from __future__ import annotations
@@ -216,6 +216,14 @@ def _common_options(candidate: Candidate, groups: dict[str, list[str]]) -> dict[
     }
 
 
+def copy_carried(src: Path, out: Path) -> None:
+    """The fp32 folder's files an INT8 copy keeps beside its ``model.onnx`` (config, manifest,
+    reports, tokenizer): what serve, verify and export-triton read."""
+    for name in CARRIED:
+        if (src / name).is_file():
+            shutil.copy(src / name, out / name)
+
+
 def write_candidate(
     src: Path,
     out: Path,
@@ -234,9 +242,7 @@ def write_candidate(
     )
 
     out.mkdir(parents=True)
-    for name in CARRIED:
-        if (src / name).is_file():
-            shutil.copy(src / name, out / name)
+    copy_carried(src, out)
     common = _common_options(candidate, groups)
     if candidate.mode == "dynamic":
         with _quiet():  # attention's activation x activation products stay fp32
